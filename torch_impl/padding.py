@@ -1,0 +1,70 @@
+"""TensorFlow/Keras "same" padding for PyTorch: the one module of the project that knows about it.
+
+TF pads ``total = max(k - s, 0)`` if ``size % s == 0`` else ``max(k - size % s, 0)`` along each axis and
+puts the odd pixel at the bottom/right. PyTorch's symmetric ``padding=k // 2`` gives the same output size
+on a shifted sampling grid, so every number downstream differs (see PITFALLS.md). Where the padding is
+the same for every input size (stride 1, or a kernel no larger than its stride) it is static and free;
+otherwise it is computed from the input at run time, like timm's ``Conv2dSame``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def same_padding(size: int, kernel_size: int, stride: int) -> tuple[int, int]:
+    """(before, after) padding that TF "same" applies along one axis of length ``size``."""
+    remainder = size % stride
+    total = max(kernel_size - (stride if remainder == 0 else remainder), 0)
+    return total // 2, total - total // 2
+
+
+def _static_padding(kernel_size: int, stride: int) -> int | None:
+    """Symmetric padding that is exact for every input size, or None if it depends on the size."""
+    if kernel_size <= stride:
+        return 0
+    if stride == 1 and kernel_size % 2 == 1:
+        return (kernel_size - 1) // 2
+    return None
+
+
+def pad_same(x: torch.Tensor, kernel_size: int, stride: int, value: float = 0.0) -> torch.Tensor:
+    """Pad an NCHW tensor as TF "same" would before a ``kernel_size``/``stride`` window."""
+    top, bottom = same_padding(x.shape[-2], kernel_size, stride)
+    left, right = same_padding(x.shape[-1], kernel_size, stride)
+    if top == bottom == left == right == 0:
+        return x
+    return F.pad(x, (left, right, top, bottom), value=value)
+
+
+class Conv2dSame(nn.Conv2d):
+    """Square-kernel ``nn.Conv2d`` with TF "same" padding, bias-free by default as in the book."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, bias: bool = False
+    ) -> None:
+        padding = _static_padding(kernel_size, stride)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding=padding or 0, bias=bias)
+        self.dynamic_padding = padding is None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic_padding:
+            x = pad_same(x, self.kernel_size[0], self.stride[0])
+        return super().forward(x)
+
+
+class MaxPool2dSame(nn.MaxPool2d):
+    """``nn.MaxPool2d`` with TF "same" padding; padded cells never win (they are -inf, not 0)."""
+
+    def __init__(self, kernel_size: int, stride: int) -> None:
+        padding = _static_padding(kernel_size, stride)
+        # torch's own max-pool padding already behaves as -inf.
+        super().__init__(kernel_size, stride, padding=padding or 0)
+        self.dynamic_padding = padding is None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic_padding:
+            x = pad_same(x, self.kernel_size, self.stride, value=float("-inf"))
+        return super().forward(x)
