@@ -31,8 +31,11 @@ def randomize_weights(obj: keras.layers.Layer, seed: int = 0) -> None:
             mean = rng.choice([-1.0, 1.0], size=channels) * rng.uniform(0.5, 2.0, size=channels)
             gamma = rng.uniform(0.3, 1.2, size=channels) * np.sqrt(variance + 1e-3)
             beta = rng.normal(0.0, 0.5, size=channels)
-            for variable, value in zip((layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance),
-                                       (gamma, beta, mean, variance)):
+            for variable, value in zip(
+                (layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance),
+                (gamma, beta, mean, variance),
+                strict=True,
+            ):
                 _assign(variable, value)
         elif isinstance(layer, keras.layers.Dense):
             fan_in, units = layer.kernel.shape

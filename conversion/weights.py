@@ -26,6 +26,7 @@ from torch import nn
 
 import keras_impl
 import torch_impl
+from conversion.errors import ConversionError
 from torch_impl.layers import Dense as TorchDense
 from torch_impl.layers import GlobalAvgPool2d
 from torch_impl.padding import Conv2dSame, MaxPool2dSame
@@ -37,10 +38,6 @@ TorchObject = torch_impl.ResNet34 | torch_impl.ResidualUnit
 _AS_IS = (lambda a: a, lambda a: a)
 _CONV = (lambda a: a.transpose(3, 2, 0, 1), lambda a: a.transpose(2, 3, 1, 0))
 _DENSE = (lambda a: a.T, lambda a: a.T)
-
-
-class ConversionError(ValueError):
-    """The two objects are not the same architecture, or a tensor does not fit."""
 
 
 @dataclass(frozen=True)
@@ -77,8 +74,13 @@ def _layer_tensors(path: str, layer: keras.layers.Layer, module: nn.Module) -> l
         _check(isinstance(module, nn.BatchNorm2d), path, "layer kind", type(layer).__name__, type(module).__name__)
         # Same weights with another epsilon or momentum is another function: refuse rather than copy.
         _check(math.isclose(layer.epsilon, module.eps), path, "epsilon", layer.epsilon, module.eps)
-        _check(math.isclose(layer.momentum, 1 - module.momentum), path, "momentum (torch = 1 - keras)",
-               layer.momentum, module.momentum)
+        _check(
+            math.isclose(layer.momentum, 1 - module.momentum),
+            path,
+            "momentum (torch = 1 - keras)",
+            layer.momentum,
+            module.momentum,
+        )
         return [
             _TensorPair(prefix + "weight", layer.gamma, module.weight, _AS_IS),
             _TensorPair(prefix + "bias", layer.beta, module.bias, _AS_IS),
@@ -87,8 +89,13 @@ def _layer_tensors(path: str, layer: keras.layers.Layer, module: nn.Module) -> l
         ]
     if isinstance(layer, keras.layers.Dense):
         _check(isinstance(module, TorchDense), path, "layer kind", type(layer).__name__, type(module).__name__)
-        _check(_keras_activation_name(layer) == module.activation.keras_name, path, "activation",
-               _keras_activation_name(layer), module.activation.keras_name)
+        _check(
+            _keras_activation_name(layer) == module.activation.keras_name,
+            path,
+            "activation",
+            _keras_activation_name(layer),
+            module.activation.keras_name,
+        )
         return [
             _TensorPair(prefix + "weight", layer.kernel, module.weight, _DENSE),
             _TensorPair(prefix + "bias", layer.bias, module.bias, _AS_IS),
@@ -100,22 +107,37 @@ def _layer_tensors(path: str, layer: keras.layers.Layer, module: nn.Module) -> l
     if isinstance(layer, keras.layers.MaxPooling2D):
         _check(isinstance(module, MaxPool2dSame), path, "layer kind", type(layer).__name__, type(module).__name__)
         _check(layer.padding == "same", path, "padding", layer.padding, "TF same")
-        _check(tuple(layer.pool_size) == (module.kernel_size,) * 2 and tuple(layer.strides) == (module.stride,) * 2,
-               path, "pool size and strides", (layer.pool_size, layer.strides), (module.kernel_size, module.stride))
+        _check(
+            tuple(layer.pool_size) == (module.kernel_size,) * 2 and tuple(layer.strides) == (module.stride,) * 2,
+            path,
+            "pool size and strides",
+            (layer.pool_size, layer.strides),
+            (module.kernel_size, module.stride),
+        )
         return []
     if isinstance(layer, keras.layers.GlobalAveragePooling2D) and isinstance(module, GlobalAvgPool2d):
         return []
     if isinstance(layer, keras.layers.Flatten) and isinstance(module, nn.Flatten):
         return []
     if isinstance(layer, keras_impl.ResidualUnit) and isinstance(module, torch_impl.ResidualUnit):
-        _check(layer.activation_name == module.activation_name, path, "activation",
-               layer.activation_name, module.activation_name)
+        _check(
+            layer.activation_name == module.activation_name,
+            path,
+            "activation",
+            layer.activation_name,
+            module.activation_name,
+        )
         pairs = []
         for branch in ("main_layers", "skip_layers"):
             keras_layers, torch_layers = getattr(layer, branch), getattr(module, branch)
-            _check(len(keras_layers) == len(torch_layers), f"{prefix}{branch}", "layer count",
-                   len(keras_layers), len(torch_layers))
-            for index, (sub_layer, sub_module) in enumerate(zip(keras_layers, torch_layers)):
+            _check(
+                len(keras_layers) == len(torch_layers),
+                f"{prefix}{branch}",
+                "layer count",
+                len(keras_layers),
+                len(torch_layers),
+            )
+            for index, (sub_layer, sub_module) in enumerate(zip(keras_layers, torch_layers, strict=True)):
                 pairs += _layer_tensors(f"{prefix}{branch}.{index}", sub_layer, sub_module)
         return pairs
     raise ConversionError(f"{path or 'top'}: {kinds}")
@@ -131,15 +153,20 @@ def _plan(keras_obj: KerasObject, torch_obj: TorchObject) -> list[_TensorPair]:
         keras_names = [layer.name for layer in keras_obj.layers]
         torch_names = [name for name, _ in torch_obj.named_children()]
         if keras_names != torch_names:
-            diff = next((i for i, (a, b) in enumerate(zip(keras_names, torch_names)) if a != b),
-                        min(len(keras_names), len(torch_names)))
+            diff = next(
+                (i for i, (a, b) in enumerate(zip(keras_names, torch_names, strict=False)) if a != b),
+                min(len(keras_names), len(torch_names)),
+            )
             raise ConversionError(
-                f"not the same architecture: layer {diff} is {keras_names[diff:diff + 1] or 'absent'} in Keras "
-                f"and {torch_names[diff:diff + 1] or 'absent'} in torch ({len(keras_names)} vs {len(torch_names)} "
+                f"not the same architecture: layer {diff} is {keras_names[diff : diff + 1] or 'absent'} in Keras "
+                f"and {torch_names[diff : diff + 1] or 'absent'} in torch ({len(keras_names)} vs {len(torch_names)} "
                 "layers; expected a model from keras_impl.build_resnet34)"
             )
-        pairs = [p for layer, (name, module) in zip(keras_obj.layers, torch_obj.named_children())
-                 for p in _layer_tensors(name, layer, module)]
+        pairs = [
+            p
+            for layer, (name, module) in zip(keras_obj.layers, torch_obj.named_children(), strict=True)
+            for p in _layer_tensors(name, layer, module)
+        ]
     else:
         raise ConversionError(
             "expected a Keras ResNet-34 / ResidualUnit and a torch ResNet34 / ResidualUnit. "
@@ -149,19 +176,28 @@ def _plan(keras_obj: KerasObject, torch_obj: TorchObject) -> list[_TensorPair]:
     # Audit: every tensor on each side used exactly once, shapes equal after the layout change.
     keras_ids = [id(p.keras_variable) for p in pairs]
     unused = [v.path for v in keras_obj.weights if id(v) not in keras_ids]
-    torch_state = {k: v for k, v in torch_obj.state_dict(keep_vars=True).items() if not k.endswith("num_batches_tracked")}
+    torch_state = {
+        k: v for k, v in torch_obj.state_dict(keep_vars=True).items() if not k.endswith("num_batches_tracked")
+    }
     planned = [p.path for p in pairs]
     if len(set(keras_ids)) != len(keras_ids) or len(set(planned)) != len(planned):
         raise ConversionError("internal: a tensor would be used twice")
     missing = sorted(set(torch_state) - set(planned))
     extra = sorted(set(planned) - set(torch_state))
     if unused or missing or extra:
-        raise ConversionError(f"tensors without a partner: Keras {unused}, torch missing {missing}, torch extra {extra}")
+        raise ConversionError(
+            f"tensors without a partner: Keras {unused}, torch missing {missing}, torch extra {extra}"
+        )
     for p in pairs:
         keras_shape = tuple(p.keras_variable.shape)
         as_torch = p.layout[0](np.empty(keras_shape, dtype=np.uint8)).shape
-        _check(as_torch == tuple(p.torch_tensor.shape), p.path, "shape (in torch layout)", as_torch,
-               tuple(p.torch_tensor.shape))
+        _check(
+            as_torch == tuple(p.torch_tensor.shape),
+            p.path,
+            "shape (in torch layout)",
+            as_torch,
+            tuple(p.torch_tensor.shape),
+        )
         keras_dtype = keras.backend.standardize_dtype(p.keras_variable.dtype)
         torch_dtype = str(p.torch_tensor.dtype).removeprefix("torch.")
         _check(keras_dtype == torch_dtype, p.path, "dtype", keras_dtype, torch_dtype)
@@ -202,7 +238,8 @@ def keras_to_torch(obj: KerasObject) -> TorchObject:
         names = {layer.name: layer for layer in obj.layers}
         if not {"stem_conv", "stem_activation", "classifier"} <= set(names):
             raise ConversionError(
-                f"expected a ResNet-34 from keras_impl.build_resnet34. Received: a model with layers {list(names)[:5]}..."
+                "expected a ResNet-34 from keras_impl.build_resnet34. "
+                f"Received: a model with layers {list(names)[:5]}..."
             )
         twin = torch_impl.ResNet34(
             num_classes=names["classifier"].units,

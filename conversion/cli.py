@@ -1,0 +1,154 @@
+"""The ``resnet34-parity`` command (also ``python -m conversion``): verify, convert, export-onnx.
+
+Exit codes: 0 success, 1 the implementations disagree (verify), 2 bad usage or bad input. Expected
+failures print one line on stderr and no traceback; nothing is left half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from conversion.errors import UserInputError
+
+EXIT_OK, EXIT_DISAGREE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, as argparse does, but without the usage block
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _head_activation(text: str) -> str | None:
+    return None if text in ("none", "linear") else text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``resnet34-parity``."""
+    parser = _Parser(prog="resnet34-parity", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    verify = commands.add_parser(
+        "verify",
+        help="compare Keras, PyTorch and ONNX stage by stage (default: seeded twins with hostile weights)",
+        description="Run the same images through every implementation given (or, with none, through seeded "
+        "twins with hostile weights) and report the error at every stage. Exit 0 when all agree, 1 when not.",
+    )
+    verify.add_argument("--keras", metavar="A.keras", help="Keras model (.keras or .weights.h5)")
+    verify.add_argument("--torch", metavar="B.pt", help="torch ResNet34 state_dict (.pt or .safetensors)")
+    verify.add_argument(
+        "--onnx", metavar="C.onnx", help="ONNX export (NHWC or NCHW input; the final output is compared)"
+    )
+    verify.add_argument("--images", metavar="X.npy", help="NHWC images to use instead of seeded random ones")
+    verify.add_argument("--batch", type=_positive, default=2, help="images per batch (default: 2)")
+    verify.add_argument(
+        "--size",
+        type=_positive,
+        nargs=2,
+        metavar=("H", "W"),
+        default=(224, 224),
+        help="image height and width (default: 224 224)",
+    )
+    verify.add_argument("--seed", type=int, default=0, help="seed of the weights and images (default: 0)")
+    verify.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default="float32",
+        help="precision of the built-in twins (default: float32)",
+    )
+    verify.add_argument(
+        "--classifier-activation",
+        type=_head_activation,
+        default="softmax",
+        help="head activation for files that do not record it (default: softmax)",
+    )
+    verify.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert weights between .keras/.weights.h5 and .pt/.safetensors",
+        description="Convert weights by extension; the destination is written atomically.",
+    )
+    convert.add_argument("src", help="source file (.keras, .weights.h5, .pt, .safetensors)")
+    convert.add_argument("dst", help="destination file (.keras, .weights.h5, .pt, .safetensors)")
+    convert.add_argument(
+        "--input-size",
+        type=_positive,
+        nargs=2,
+        metavar=("H", "W"),
+        default=(224, 224),
+        help="input height and width of a .keras destination built from torch (default: 224 224)",
+    )
+    convert.add_argument(
+        "--classifier-activation",
+        type=_head_activation,
+        default="softmax",
+        help="head activation when the source does not record it (default: softmax)",
+    )
+
+    export = commands.add_parser(
+        "export-onnx",
+        help="export a .keras ResNet-34 to ONNX through tf2onnx",
+        description="Export a .keras ResNet-34 to ONNX (dynamic batch), written atomically.",
+    )
+    export.add_argument("model", metavar="MODEL.keras", help="the Keras model")
+    export.add_argument("out", metavar="OUT.onnx", help="the ONNX file to write")
+    export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: tf2onnx's default)")
+    export.add_argument("--nchw", action="store_true", help="take NCHW input like the torch twin (default: NHWC)")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Imported here so `--help` and usage errors answer without loading TensorFlow and torch.
+    if args.command == "verify":
+        from conversion.verify import run_verify_command
+
+        return run_verify_command(args)
+    if args.command == "convert":
+        from conversion.files import convert_file
+
+        channels = 3
+        if not args.src.endswith((".pt", ".safetensors")):
+            channels = None  # a Keras source records its own channels
+        written = convert_file(
+            args.src,
+            args.dst,
+            input_shape=(*args.input_size, channels or 3),
+            classifier_activation=args.classifier_activation,
+        )
+        print(f"wrote {written}")
+        return EXIT_OK
+    if args.command == "export-onnx":
+        from conversion.errors import ExportError
+        from conversion.files import load_keras
+        from conversion.onnx_export import export_onnx
+
+        if not args.model.endswith(".keras"):
+            raise ExportError(f"{args.model}: expected a .keras model")
+        written = export_onnx(load_keras(args.model), args.out, opset=args.opset, nchw=args.nchw)
+        print(f"wrote {written}")
+        return EXIT_OK
+    raise AssertionError(args.command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (UserInputError, OSError) as error:  # expected failures: one line, no traceback
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"resnet34-parity {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
