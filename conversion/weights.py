@@ -204,6 +204,11 @@ def _plan(keras_obj: KerasObject, torch_obj: TorchObject) -> list[_TensorPair]:
     return pairs
 
 
+def check_same_architecture(keras_obj: KerasObject, torch_obj: TorchObject) -> None:
+    """Raise ConversionError unless the two have the same layers and tensor shapes (nothing is copied)."""
+    _plan(keras_obj, torch_obj)
+
+
 def copy_keras_to_torch(keras_obj: KerasObject, torch_obj: TorchObject) -> None:
     """Copy every weight of a Keras model/unit into its existing torch twin (checked first)."""
     pairs = _plan(keras_obj, torch_obj)

@@ -1,0 +1,570 @@
+"""Find WHERE two implementations diverge, and why.
+
+Each stage (stem, the 16 ResidualUnits, pooled features, logits, output) is run twice in the compared
+implementation: on its own previous output (the cumulative error a user sees) and on the reference's
+input to that stage (the local error, which is non-zero only where the stage itself differs). The first
+stage with a local error over the tolerance is where the bug lives. Inside it the layers are compared
+one by one, and the first divergent layer is tested against the classic porting bugs: each hypothesis is
+recomputed from the reference's weights, and the one that reproduces the divergent output is the cause.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import keras_impl
+from conversion.arrays import (
+    TOLERANCE,
+    check_images,
+    cosine_similarity,
+    max_abs_err,
+    max_rel_err,
+    nchw_to_nhwc,
+    nhwc_to_nchw,
+    seeded_images,
+)
+from conversion.errors import InputError
+from torch_impl.padding import pad_same
+
+# Stage names, in order; "output" exists only when the head has an activation.
+UNIT_COUNT = sum(units for _, units in keras_impl.STAGES)
+STEM_LAYERS = ("stem_conv", "stem_bn", "stem_activation", "stem_pool")
+POOL_LAYERS = ("avg_pool", "flatten")
+
+
+@dataclass
+class Comparison:
+    """One implementation against the reference at one stage."""
+
+    max_abs: float
+    max_rel: float
+    cosine: float
+    tolerance_to_pass: float  # the smallest relative tolerance under which this stage would pass
+    local_max_rel: float | None  # the stage run on the reference's input; None where not computable
+    ok: bool
+
+
+@dataclass
+class StageRow:
+    stage: str
+    shape: list[int]
+    comparisons: dict[str, Comparison] = field(default_factory=dict)
+
+
+@dataclass
+class Diagnosis:
+    stage: str
+    layer: str | None
+    cause: str
+    evidence: str
+
+
+# --- running the stages ---------------------------------------------------------------------------
+
+Stage = tuple[str, Callable[[np.ndarray], np.ndarray]]
+
+
+def _keras_stages(model: keras.Model) -> list[Stage]:
+    """(name, function NHWC numpy -> numpy) for each stage of a Keras ResNet-34."""
+    layer = model.get_layer
+
+    def chain(*layers: keras.layers.Layer) -> Callable[[np.ndarray], np.ndarray]:
+        def run(x: np.ndarray) -> np.ndarray:
+            for each in layers:
+                x = each(x)
+            return keras.ops.convert_to_numpy(x)
+
+        return run
+
+    head = layer("classifier")
+    stages = [("stem", chain(*(layer(name) for name in STEM_LAYERS)))]
+    stages += [(f"unit_{i}", chain(layer(f"unit_{i}"))) for i in range(UNIT_COUNT)]
+    stages.append(("pooled", chain(*(layer(name) for name in POOL_LAYERS))))
+    stages.append(("logits", lambda x: keras.ops.convert_to_numpy(keras.ops.matmul(x, head.kernel) + head.bias)))
+    if keras.activations.serialize(head.activation) != "linear":
+        stages.append(("output", lambda x: keras.ops.convert_to_numpy(head.activation(keras.ops.convert_to_tensor(x)))))
+    return stages
+
+
+def _torch_stages(model: nn.Module, stage_names: Sequence[str]) -> list[Stage]:
+    """The same stages for a torch ResNet34 (NHWC in and out, so the two line up)."""
+    children = dict(model.named_children())
+
+    def run_modules(*modules: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+        def run(x: np.ndarray) -> np.ndarray:
+            t = torch.from_numpy(nhwc_to_nchw(x) if x.ndim == 4 else np.ascontiguousarray(x))
+            with torch.no_grad():
+                for module in modules:
+                    t = module(t)
+            out = t.numpy()
+            return nchw_to_nhwc(out) if out.ndim == 4 else out
+
+        return run
+
+    head = children["classifier"]
+    linear = nn.Linear.forward.__get__(head)  # the Dense head without its activation
+    stages = {"stem": run_modules(*(children[name] for name in STEM_LAYERS))}
+    stages.update({f"unit_{i}": run_modules(children[f"unit_{i}"]) for i in range(UNIT_COUNT)})
+    stages["pooled"] = run_modules(*(children[name] for name in POOL_LAYERS))
+    stages["logits"] = run_modules(linear)
+    stages["output"] = run_modules(head.activation)
+    return [(name, stages[name]) for name in stage_names]
+
+
+def _compare(actual: np.ndarray, reference: np.ndarray, local: np.ndarray | None, tolerance: float) -> Comparison:
+    rel = max_rel_err(actual, reference)
+    local_rel = None if local is None else max_rel_err(local, reference)
+    return Comparison(
+        max_abs=max_abs_err(actual, reference),
+        max_rel=rel,
+        cosine=cosine_similarity(actual, reference),
+        tolerance_to_pass=rel,
+        local_max_rel=local_rel,
+        ok=rel <= tolerance,
+    )
+
+
+# --- diagnosis --------------------------------------------------------------------------------------
+
+
+def _matches(actual: np.ndarray, candidate: np.ndarray, tolerance: float) -> bool:
+    """Same NaN pattern and, elsewhere, equal to a loose multiple of the tolerance."""
+    actual, candidate = np.asarray(actual, np.float64), np.asarray(candidate, np.float64)
+    if actual.shape != candidate.shape or not np.array_equal(np.isnan(actual), np.isnan(candidate)):
+        return False
+    finite = np.isfinite(actual) & np.isfinite(candidate)
+    return max_rel_err(actual[finite], candidate[finite]) <= max(100 * tolerance, 1e-4) if finite.any() else True
+
+
+def _as_torch(x_nhwc: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(nhwc_to_nchw(x_nhwc))
+
+
+def _conv_hypotheses(layer: keras.layers.Conv2D, x: np.ndarray, first_layer: bool) -> dict[str, np.ndarray]:
+    kernel = torch.from_numpy(np.ascontiguousarray(keras.ops.convert_to_numpy(layer.kernel).transpose(3, 2, 0, 1)))
+    k, s = layer.kernel_size[0], layer.strides[0]
+    xt = _as_torch(x)
+    out = {
+        f"symmetric padding ({k // 2}, {k // 2}) where TF 'same' pads {_tf_pads(x.shape[1], k, s)} "
+        f"(a {k}x{k}/{s} conv ported with padding=k//2)": F.conv2d(xt, kernel, stride=s, padding=k // 2),
+        "conv kernel with H and W swapped (HWIO -> OIHW transposed as (3, 2, 1, 0))": F.conv2d(
+            pad_same(xt, k, s), kernel.transpose(2, 3), stride=s
+        ),
+    }
+    if first_layer:  # NHWC memory read as NCHW: the first layer sees scrambled pixels
+        misread = torch.from_numpy(np.ascontiguousarray(x)).reshape(x.shape[0], x.shape[3], x.shape[1], x.shape[2])
+        out["layout mix-up: NHWC images fed as NCHW (reshaped, not transposed)"] = F.conv2d(
+            pad_same(misread, k, s), kernel, stride=s
+        )
+    return {cause: nchw_to_nhwc(t.numpy()) for cause, t in out.items()}
+
+
+def _tf_pads(size: int, k: int, s: int) -> tuple[int, int]:
+    from torch_impl.padding import same_padding
+
+    return same_padding(size, k, s)
+
+
+def _bn_hypotheses(layer: keras.layers.BatchNormalization, x: np.ndarray) -> dict[str, np.ndarray]:
+    gamma, beta, mean, var = (
+        keras.ops.convert_to_numpy(v) for v in (layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance)
+    )
+    with np.errstate(invalid="ignore"):
+        return {
+            f"BatchNorm epsilon 1e-5 (PyTorch's default) instead of Keras's {layer.epsilon:g}": gamma
+            * (x - mean)
+            / np.sqrt(var + 1e-5)
+            + beta,
+            "BatchNorm running mean and variance swapped": gamma * (x - var) / np.sqrt(mean + layer.epsilon) + beta,
+        }
+
+
+def _dense_hypotheses(layer: keras.layers.Dense, x: np.ndarray) -> dict[str, np.ndarray]:
+    kernel, bias = keras.ops.convert_to_numpy(layer.kernel), keras.ops.convert_to_numpy(layer.bias)
+    if kernel.shape[0] != kernel.shape[1]:
+        return {}
+    return {"Dense kernel not transposed ((in, out) copied as (out, in))": x @ kernel.T + bias}
+
+
+def _pool_hypotheses(layer: keras.layers.MaxPooling2D, x: np.ndarray) -> dict[str, np.ndarray]:
+    k, s = layer.pool_size[0], layer.strides[0]
+    padded = pad_same(_as_torch(x), k, s, value=0.0)
+    return {"max-pool padded with zeros instead of -inf": nchw_to_nhwc(F.max_pool2d(padded, k, s).numpy())}
+
+
+def _pattern(actual: np.ndarray, reference: np.ndarray) -> str:
+    """A cause from the shape of the error, when no hypothesis reproduced the output."""
+    if not np.all(np.isfinite(actual)):
+        return "non-finite values (NaN/Inf) appear here"
+    err = np.abs(np.asarray(actual, np.float64) - reference)
+    if err.ndim == 4 and min(err.shape[1:3]) > 2:
+        border = np.concatenate([err[:, -1].ravel(), err[:, :, -1].ravel()])
+        if border.max() > 0 and err[:, :-1, :-1].max() < 0.05 * border.max():
+            return "error concentrated on the bottom/right border: a padding difference"
+    if err.ndim >= 2:
+        per_channel = err.reshape(-1, err.shape[-1]).max(axis=0)
+        if (per_channel > 0.01 * per_channel.max()).mean() < 0.5:
+            bad = int((per_channel > 0.01 * per_channel.max()).sum())
+            return f"error confined to {bad} of {err.shape[-1]} channels: a per-channel scale or statistics error"
+    return "no known pattern: compare this layer's weights and code"
+
+
+def _sublayers(stage: str, keras_model: keras.Model, torch_model: nn.Module) -> list[tuple[str, object, object]]:
+    """(path, keras layer, torch module) pairs in forward order inside one stage."""
+    if stage == "stem":
+        return [(n, keras_model.get_layer(n), getattr(torch_model, n)) for n in STEM_LAYERS]
+    if stage.startswith("unit_"):
+        k_unit, t_unit = keras_model.get_layer(stage), getattr(torch_model, stage)
+        return [
+            (f"{branch}.{i}", k_layer, t_layers[i] if i < len(t_layers) else None)
+            for branch in ("main_layers", "skip_layers")
+            for t_layers in [getattr(t_unit, branch)]
+            for i, k_layer in enumerate(getattr(k_unit, branch))
+        ]
+    return []
+
+
+def _run_torch_layer(module: nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        out = module(_as_torch(x) if x.ndim == 4 else torch.from_numpy(x)).numpy()
+    return nchw_to_nhwc(out) if out.ndim == 4 else out
+
+
+def _diagnose(
+    stage: str,
+    x: np.ndarray,
+    keras_model: keras.Model,
+    torch_model: nn.Module,
+    reference: np.ndarray,
+    actual: np.ndarray,
+    tolerance: float,
+) -> Diagnosis:
+    """Why ``stage`` diverges, given its reference input ``x`` (NHWC)."""
+    if stage.startswith("unit_"):
+        k_unit, t_unit = keras_model.get_layer(stage), getattr(torch_model, stage)
+        for branch in ("main_layers", "skip_layers"):
+            k_layers, t_layers = getattr(k_unit, branch), getattr(t_unit, branch)
+            if len(k_layers) != len(t_layers):
+                names = ", ".join(type(layer).__name__ for layer in k_layers)
+                return Diagnosis(
+                    stage,
+                    branch,
+                    f"{branch} has {len(k_layers)} layers in Keras ({names}) but "
+                    f"{len(t_layers)} in torch: a layer is missing (e.g. a projection without its "
+                    "BatchNorm)",
+                    "structure",
+                )
+    inputs: dict[str, np.ndarray] = {}  # the reference's running input per branch ("stem" is one chain)
+    for path, k_layer, t_module in _sublayers(stage, keras_model, torch_model):
+        branch = path.split(".")[0] if "." in path else "stem"
+        layer_in = inputs.setdefault(branch, x)
+        expected = keras.ops.convert_to_numpy(k_layer(layer_in))
+        got = _run_torch_layer(t_module, layer_in)
+        err = max_rel_err(got, expected) if got.shape == expected.shape else math.inf
+        if err > tolerance:
+            hypotheses: dict[str, np.ndarray] = {}
+            if isinstance(k_layer, keras.layers.Conv2D):
+                hypotheses = _conv_hypotheses(k_layer, layer_in, first_layer=path == "stem_conv")
+            elif isinstance(k_layer, keras.layers.BatchNormalization):
+                hypotheses = _bn_hypotheses(k_layer, layer_in)
+            elif isinstance(k_layer, keras.layers.MaxPooling2D):
+                hypotheses = _pool_hypotheses(k_layer, layer_in)
+            for cause, candidate in hypotheses.items():
+                if _matches(got, candidate, tolerance):
+                    return Diagnosis(
+                        stage,
+                        path,
+                        cause,
+                        f"recomputing {type(k_layer).__name__} with this bug "
+                        f"reproduces torch's output (layer error {err:.3g})",
+                    )
+            cause = (
+                _pattern(got, expected)
+                if got.shape == expected.shape
+                else (f"output shape {got.shape} instead of {expected.shape}")
+            )
+            return Diagnosis(stage, path, cause, f"first divergent layer ({type(k_layer).__name__}), error {err:.3g}")
+        inputs[branch] = expected
+    if stage in ("logits", "output"):
+        head = keras_model.get_layer("classifier")
+        if stage == "logits":
+            for cause, candidate in _dense_hypotheses(head, x).items():
+                if _matches(actual, candidate, tolerance):
+                    return Diagnosis(stage, "classifier", cause, "recomputing the head with this bug reproduces torch")
+        else:
+            activation = keras.activations.serialize(head.activation)
+            twice = keras.ops.convert_to_numpy(head.activation(keras.ops.convert_to_tensor(reference)))
+            if _matches(actual, twice, tolerance):
+                return Diagnosis(
+                    stage,
+                    "classifier",
+                    f"classifier activation ({activation}) applied twice",
+                    "torch's output equals the activation of Keras's output",
+                )
+            if _matches(actual, x, tolerance):
+                return Diagnosis(
+                    stage,
+                    "classifier",
+                    f"classifier activation ({activation}) missing",
+                    "torch's output equals Keras's logits",
+                )
+    return Diagnosis(stage, None, _pattern(actual, reference), "no single layer diverges alone")
+
+
+# --- training-mode check ----------------------------------------------------------------------------
+
+
+def _bn_pairs(keras_model: keras.Model, torch_model: nn.Module) -> list[tuple[str, object, nn.BatchNorm2d]]:
+    pairs = [("stem_bn", keras_model.get_layer("stem_bn"), torch_model.stem_bn)]
+    for i in range(UNIT_COUNT):
+        k_unit, t_unit = keras_model.get_layer(f"unit_{i}"), getattr(torch_model, f"unit_{i}")
+        for branch in ("main_layers", "skip_layers"):
+            for j, (k_layer, t_layer) in enumerate(zip(getattr(k_unit, branch), getattr(t_unit, branch), strict=False)):
+                if isinstance(k_layer, keras.layers.BatchNormalization) and isinstance(t_layer, nn.BatchNorm2d):
+                    pairs.append((f"unit_{i}.{branch}.{j}", k_layer, t_layer))
+    return pairs
+
+
+def training_check(keras_model: keras.Model, torch_model: nn.Module, images: np.ndarray, tolerance: float) -> dict:
+    """One training-mode forward in each: are the BatchNorm moving means updated the same way?
+
+    Only the means are compared: torch updates the running variance with the unbiased batch variance and
+    Keras with the biased one (PITFALLS.md), a documented difference of a factor n / (n - 1).
+    Neither model is changed: Keras's statistics are restored and torch runs on a copy.
+    """
+    pairs = _bn_pairs(keras_model, torch_model)
+    # Every Keras BatchNorm is saved and restored, paired with torch or not, so the model is left as it was.
+    keras_bns = [layer for layer in keras_model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = {
+        id(bn): (keras.ops.convert_to_numpy(bn.moving_mean), keras.ops.convert_to_numpy(bn.moving_variance))
+        for bn in keras_bns
+    }
+    try:
+        keras_model(images, training=True)
+        keras_means = [keras.ops.convert_to_numpy(k.moving_mean) for _, k, _ in pairs]
+    finally:
+        for bn in keras_bns:
+            bn.moving_mean.assign(saved[id(bn)][0])
+            bn.moving_variance.assign(saved[id(bn)][1])
+    twin = copy.deepcopy(torch_model).train()
+    with torch.no_grad():
+        twin(torch.from_numpy(nhwc_to_nchw(images)))
+    twin_bns = {path: module for path, _, module in _bn_pairs(keras_model, twin)}
+    for (path, k_layer, _), new_mean in zip(pairs, keras_means, strict=True):
+        old_mean = saved[id(k_layer)][0]
+        got = twin_bns[path].running_mean.numpy()
+        err = max_rel_err(got, new_mean)
+        if err > tolerance:
+            batch_mean = (new_mean - k_layer.momentum * old_mean) / (1 - k_layer.momentum)
+            inverted = k_layer.momentum * batch_mean + (1 - k_layer.momentum) * old_mean
+            cause = (
+                "BatchNorm momentum convention inverted (torch momentum must be 1 - Keras momentum)"
+                if _matches(got, inverted, tolerance)
+                else "moving statistics updated differently"
+            )
+            return {"ok": False, "first_divergent_layer": path, "max_rel": err, "cause": cause}
+    return {"ok": True, "first_divergent_layer": None, "max_rel": 0.0, "cause": None}
+
+
+# --- the report -------------------------------------------------------------------------------------
+
+
+def verify_models(
+    keras_model: keras.Model,
+    torch_model: nn.Module | None,
+    images: np.ndarray,
+    *,
+    onnx_path: str | Path | None = None,
+    train_check: bool = True,
+) -> dict:
+    """Compare the torch twin (and an ONNX file) with the Keras model stage by stage; returns the report."""
+    dtype = keras.backend.standardize_dtype(keras_model.get_layer("stem_conv").kernel.dtype)
+    tolerance = TOLERANCE.get(dtype, TOLERANCE["float32"])
+    keras_stages = _keras_stages(keras_model)
+    names = [name for name, _ in keras_stages]
+    torch_stages = dict(_torch_stages(torch_model, names)) if torch_model is not None else {}
+    rows: list[StageRow] = []
+    reference_in, torch_in = images, images
+    first_stage = first_cumulative = None
+    diagnosis = None
+    for name, keras_fn in keras_stages:
+        reference_out = keras_fn(reference_in)
+        row = StageRow(name, list(reference_out.shape))
+        if torch_model is not None:
+            torch_out = torch_stages[name](torch_in)
+            local_out = torch_stages[name](reference_in)
+            comparison = _compare(torch_out, reference_out, local_out, tolerance)
+            row.comparisons["torch"] = comparison
+            if first_cumulative is None and not comparison.ok:
+                first_cumulative = name
+            if first_stage is None and comparison.local_max_rel > tolerance:
+                first_stage = name
+                diagnosis = _diagnose(name, reference_in, keras_model, torch_model, reference_out, local_out, tolerance)
+            torch_in = torch_out
+        rows.append(row)
+        reference_in = reference_out
+    if onnx_path is not None:
+        from conversion.onnx_export import run_onnx
+
+        onnx_out = run_onnx(onnx_path, images)
+        rows[-1].comparisons["onnx"] = _compare(onnx_out, reference_in, None, tolerance)
+    if first_stage is None and first_cumulative is not None:
+        first_stage = first_cumulative
+        diagnosis = Diagnosis(
+            first_cumulative,
+            None,
+            "accumulated rounding: no stage diverges on its own",
+            "local errors all within tolerance",
+        )
+    training = training_check(keras_model, torch_model, images, tolerance) if torch_model and train_check else None
+    agree = all(c.ok for row in rows for c in row.comparisons.values()) and (training is None or training["ok"])
+    if first_stage is None and training and not training["ok"]:
+        # The forward pass agrees; only training mode shows it (e.g. an inverted BatchNorm momentum).
+        first_stage = training["first_divergent_layer"].split(".")[0]
+        layer = training["first_divergent_layer"].partition(".")[2] or None
+        diagnosis = Diagnosis(first_stage, layer, training["cause"], "one training-mode forward in each")
+    first_unit = int(first_stage.split("_")[1]) if first_stage and first_stage.startswith("unit_") else None
+    return {
+        "agree": agree,
+        "reference": "keras",
+        "compared": sorted({key for row in rows for key in row.comparisons}),
+        "dtype": dtype,
+        "tolerance": tolerance,
+        "metric": "max |x - keras| / max |keras| per stage",
+        "batch": int(images.shape[0]),
+        "size": [int(images.shape[1]), int(images.shape[2])],
+        "first_divergent_stage": first_stage,
+        "first_divergent_unit": first_unit,
+        "diagnosis": asdict(diagnosis) if diagnosis else None,
+        "training_check": training,
+        "stages": [
+            {"stage": row.stage, "shape": row.shape, **{k: asdict(v) for k, v in row.comparisons.items()}}
+            for row in rows
+        ],
+    }
+
+
+# --- the command --------------------------------------------------------------------------------------
+
+
+def _load_pair(args: argparse.Namespace) -> tuple[keras.Model, nn.Module | None]:
+    """The Keras reference and the torch twin: from files, converted from one file, or seeded."""
+    from conversion.files import load_keras, load_torch
+    from conversion.hostile import randomize_weights
+    from conversion.weights import check_same_architecture, keras_to_torch, torch_to_keras
+
+    if args.keras:
+        keras_model = load_keras(args.keras, args.classifier_activation)
+        if not args.torch:
+            return keras_model, keras_to_torch(keras_model)
+        torch_model = load_torch(args.torch, args.classifier_activation)
+        check_same_architecture(keras_model, torch_model)  # one-line error naming the layer and both shapes
+        return keras_model, torch_model
+    if args.torch:
+        torch_model = load_torch(args.torch, args.classifier_activation)
+        return torch_to_keras(torch_model, (None, None, torch_model.in_channels)), torch_model
+    if args.onnx:
+        raise InputError("--onnx needs --keras or --torch: the weights the ONNX file was exported from")
+    keras_model = keras_impl.build_resnet34(10, (None, None, 3), args.classifier_activation, args.dtype)
+    randomize_weights(keras_model, args.seed)
+    return keras_model, keras_to_torch(keras_model)
+
+
+def _images(args: argparse.Namespace, keras_model: keras.Model) -> np.ndarray:
+    dtype = keras.backend.standardize_dtype(keras_model.get_layer("stem_conv").kernel.dtype)
+    _, height, width, channels = keras_model.input_shape
+    if args.images:
+        try:
+            images = np.load(args.images, allow_pickle=False)  # never unpickle
+        except (OSError, ValueError) as error:
+            raise InputError(f"{args.images}: not a readable .npy array of images ({error})") from None
+        images = check_images(images, channels, dtype)
+    else:
+        images = seeded_images(args.batch, *args.size, channels, seed=args.seed + 1, dtype=dtype)
+    if (height, width) != (None, None) and images.shape[1:3] != (height, width):
+        raise InputError(f"the Keras model takes {height}x{width} images; received {images.shape[1]}x{images.shape[2]}")
+    return images
+
+
+def _print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"Per-stage error against Keras ({report['dtype']}, tolerance {report['tolerance']:g}, "
+        f"batch {report['batch']}, {report['size'][0]}x{report['size'][1]})"
+    )
+    for column in ("stage", "vs", "max abs", "max rel", "1 - cos", "tol. to pass", "local rel", ""):
+        table.add_column(column, justify="left" if column in ("stage", "vs") else "right")
+    for row in report["stages"]:
+        for who in ("torch", "onnx"):
+            c = row.get(who)
+            if c:
+                local = "" if c["local_max_rel"] is None else f"{c['local_max_rel']:.2e}"
+                table.add_row(
+                    row["stage"],
+                    who,
+                    f"{c['max_abs']:.2e}",
+                    f"{c['max_rel']:.2e}",
+                    f"{c['cosine']:.8f}",
+                    f"{c['tolerance_to_pass']:.1e}",
+                    local,
+                    "ok" if c["ok"] else "[red]DIVERGES[/red]",
+                )
+    console = Console()
+    console.print(table)
+    training = report["training_check"]
+    if training:
+        console.print(
+            "training-mode BatchNorm update: "
+            + (
+                "ok"
+                if training["ok"]
+                else f"[red]differs[/red] at {training['first_divergent_layer']}: {training['cause']}"
+            )
+        )
+    if report["agree"]:
+        worst = max(c["max_rel"] for row in report["stages"] for k, c in row.items() if k in ("torch", "onnx"))
+        console.print(
+            f"[green]AGREE[/green]: {', '.join(report['compared'])} match Keras at every stage; "
+            f"worst max relative error {worst:.2e} (tolerance {report['tolerance']:g})"
+        )
+    else:
+        d = report["diagnosis"] or {}
+        unit = report["first_divergent_unit"]
+        where = report["first_divergent_stage"] or (training or {}).get("first_divergent_layer")
+        console.print(
+            f"[red]DISAGREE[/red]: first divergent stage {where}"
+            + (f" (ResidualUnit {unit})" if unit is not None else "")
+            + (f", layer {d['layer']}" if d.get("layer") else "")
+            + (f": likely cause: {d['cause']}" if d.get("cause") else "")
+        )
+
+
+def run_verify_command(args: argparse.Namespace) -> int:
+    """``resnet34-parity verify``: 0 when all agree, 1 when not (bad input raises UserInputError)."""
+    from rich.console import Console
+
+    with Console(stderr=True).status("building and comparing the models...", spinner="dots"):
+        keras_model, torch_model = _load_pair(args)
+        images = _images(args, keras_model)
+        report = verify_models(keras_model, torch_model, images, onnx_path=args.onnx)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2, allow_nan=True)
+        print()
+    else:
+        _print_table(report)
+    return 0 if report["agree"] else 1
