@@ -375,8 +375,8 @@ def training_check(keras_model: keras.Model, torch_model: nn.Module, images: np.
                 if _matches(got, inverted, tolerance)
                 else "moving statistics updated differently"
             )
-            return {"ok": False, "first_divergent_layer": path, "max_rel": err, "cause": cause}
-    return {"ok": True, "first_divergent_layer": None, "max_rel": 0.0, "cause": None}
+            return {"ok": False, "skipped": None, "first_divergent_layer": path, "max_rel": err, "cause": cause}
+    return {"ok": True, "skipped": None, "first_divergent_layer": None, "max_rel": 0.0, "cause": None}
 
 
 # --- the report -------------------------------------------------------------------------------------
@@ -429,7 +429,19 @@ def verify_models(
             "accumulated rounding: no stage diverges on its own",
             "local errors all within tolerance",
         )
-    training = training_check(keras_model, torch_model, images, tolerance) if torch_model and train_check else None
+    training = None
+    if torch_model is not None and train_check:
+        smallest = min(int(np.prod(row.shape[:3])) for row in rows if row.stage.startswith("unit_"))
+        if smallest < 2:  # torch refuses batch statistics of a single value per channel
+            training = {
+                "ok": True,
+                "skipped": f"the last units see {smallest} value per channel; use a larger batch or size",
+                "first_divergent_layer": None,
+                "max_rel": None,
+                "cause": None,
+            }
+        else:
+            training = training_check(keras_model, torch_model, images, tolerance)
     agree = all(c.ok for row in rows for c in row.comparisons.values()) and (training is None or training["ok"])
     if first_stage is None and training and not training["ok"]:
         # The forward pass agrees; only training mode shows it (e.g. an inverted BatchNorm momentum).
@@ -470,7 +482,9 @@ def _load_pair(args: argparse.Namespace) -> tuple[keras.Model, nn.Module | None]
         keras_model = load_keras(args.keras, args.classifier_activation)
         if not args.torch:
             return keras_model, keras_to_torch(keras_model)
-        torch_model = load_torch(args.torch, args.classifier_activation)
+        # A .pt does not record its head's activation: the Keras model's is the right default.
+        head = keras.activations.serialize(keras_model.get_layer("classifier").activation)
+        torch_model = load_torch(args.torch, head)
         check_same_architecture(keras_model, torch_model)  # one-line error naming the layer and both shapes
         return keras_model, torch_model
     if args.torch:

@@ -1,0 +1,111 @@
+"""`resnet34-parity verify`: the per-stage report, its JSON, exit codes, and the training-mode check."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conversion.arrays import TOLERANCE, max_rel_err, nhwc_to_nchw, seeded_images
+from conversion.cli import main
+from conversion.files import load_torch, save_keras, save_torch
+from conversion.verify import UNIT_COUNT, verify_models
+
+STAGES = ["stem", *(f"unit_{i}" for i in range(UNIT_COUNT)), "pooled", "logits"]
+
+
+@pytest.fixture(scope="module")
+def twin_files(twins_f32, tmp_path_factory):
+    """The float32 twins written once as .keras and .pt."""
+    keras_model, torch_model = twins_f32
+    folder = tmp_path_factory.mktemp("twin_files")
+    return save_keras(keras_model, folder / "model.keras"), save_torch(torch_model, folder / "model.pt")
+
+
+def _verify_json(capsys, *args: str) -> tuple[int, dict]:
+    code = main(["verify", "--json", *args])
+    return code, json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_default_verify_agrees_with_a_row_per_stage(capsys, dtype):
+    code, report = _verify_json(capsys, "--size", "48", "40", "--batch", "3", "--dtype", dtype)
+    assert code == 0 and report["agree"]
+    assert report["first_divergent_unit"] is None and report["diagnosis"] is None
+    assert [row["stage"] for row in report["stages"]] == [*STAGES, "output"]  # softmax head by default
+    assert report["tolerance"] == TOLERANCE[dtype]
+    for row in report["stages"]:
+        assert row["torch"]["max_rel"] <= TOLERANCE[dtype], row
+        assert row["torch"]["tolerance_to_pass"] == row["torch"]["max_rel"]
+    assert report["training_check"]["ok"]
+
+
+def test_verify_reads_files_and_reports_the_unit_a_corrupted_file_breaks(capsys, twin_files, tmp_path):
+    keras_file, torch_file = twin_files
+    code, report = _verify_json(capsys, "--keras", str(keras_file), "--torch", str(torch_file), "--size", "32", "32")
+    assert code == 0 and report["agree"], report["diagnosis"]
+
+    state = torch.load(torch_file, weights_only=True)
+    bn = "unit_9.main_layers.4"  # swap its running mean and variance, a classic converter slip
+    state[f"{bn}.running_mean"], state[f"{bn}.running_var"] = state[f"{bn}.running_var"], state[f"{bn}.running_mean"]
+    broken = tmp_path / "broken.pt"
+    torch.save(state, broken)
+    code, report = _verify_json(capsys, "--keras", str(keras_file), "--torch", str(broken), "--size", "32", "32")
+    assert code == 1 and not report["agree"]
+    assert report["first_divergent_unit"] == 9
+    assert "mean and variance swapped" in report["diagnosis"]["cause"]
+
+
+def test_verify_prints_a_table_and_a_verdict(capsys):
+    assert main(["verify", "--size", "32", "32", "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "unit_15" in out and "AGREE" in out
+
+
+def test_verify_with_only_a_torch_file_converts_it_to_keras(capsys, twin_files):
+    code, report = _verify_json(capsys, "--torch", str(twin_files[1]), "--size", "32", "32")
+    assert code == 0 and report["agree"]
+
+
+def test_training_mode_updates_moving_statistics_like_keras(twins_f32):
+    """One training-mode forward in each framework: the moving means match to float32 rounding, and the
+    moving variances differ ONLY by Bessel's correction (torch stores the unbiased batch variance, Keras
+    the biased one): torch_new - k * old == (keras_new - k * old) * n / (n - 1), n = N * H * W."""
+    keras_model, torch_model = twins_f32
+    images = seeded_images(2, 64, 64, seed=3)
+    report = verify_models(keras_model, torch_model, images)
+    assert report["training_check"]["ok"]
+
+    # (layer, n = N * H * W values per channel for a 64x64 batch of 2): 32x32 maps at the stem, 2x2 at the end.
+    checks = [("stem_bn", 2 * 32 * 32), ("unit_15", 2 * 2 * 2)]
+    keras_bns = [keras_model.get_layer("stem_bn"), keras_model.get_layer("unit_15").main_layers[4]]
+    saved = [(np.array(bn.moving_mean), np.array(bn.moving_variance)) for bn in keras_bns]
+    try:
+        keras_model(images, training=True)
+        updated = [(np.array(bn.moving_mean), np.array(bn.moving_variance)) for bn in keras_bns]
+    finally:
+        for bn, (mean, var) in zip(keras_bns, saved, strict=True):
+            bn.moving_mean.assign(mean)
+            bn.moving_variance.assign(var)
+    twin = copy.deepcopy(torch_model).train()
+    with torch.no_grad():
+        twin(torch.from_numpy(nhwc_to_nchw(images)))
+    torch_bns = [twin.stem_bn, twin.unit_15.main_layers[4]]
+    for (name, n), bn, (_, old_var), (keras_mean, keras_var), torch_bn in zip(
+        checks, keras_bns, saved, updated, torch_bns, strict=True
+    ):
+        k = bn.momentum
+        assert max_rel_err(torch_bn.running_mean.numpy(), keras_mean) <= 1e-5, name
+        expected_var = k * old_var + (keras_var - k * old_var) * n / (n - 1)
+        assert max_rel_err(torch_bn.running_var.numpy(), expected_var) <= 1e-5, name
+    # With n = 8 the unbiased update is visibly different: the correction above is doing real work.
+    assert max_rel_err(torch_bns[1].running_var.numpy(), updated[1][1]) > 1e-4
+
+
+def test_files_round_trip_through_verify_loaders(twin_files, twins_f32):
+    loaded = load_torch(twin_files[1], classifier_activation=None)
+    for key, value in twins_f32[1].state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
