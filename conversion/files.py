@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -62,7 +64,9 @@ def _check_finite(named_arrays: Iterator[tuple[str, np.ndarray]], path: Path) ->
             raise WeightFileError(f"{path}: tensor {name} holds NaN or Inf; expected finite weights")
 
 
-def _require_file(path: Path) -> None:
+def _require_file(path: Path, suffixes: tuple[str, ...]) -> None:
+    if not path.name.endswith(suffixes):
+        raise WeightFileError(f"{path}: expected a {' or '.join(suffixes)} file")
     if not path.is_file():
         raise WeightFileError(f"{path}: no such file")
 
@@ -71,7 +75,7 @@ def _require_file(path: Path) -> None:
 
 
 def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    _require_file(path)
+    _require_file(path, TORCH_SUFFIXES)
     metadata: dict[str, str] = {}
     try:
         if path.suffix == ".safetensors":
@@ -81,7 +85,14 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
                 metadata = handle.metadata() or {}
                 state = {key: handle.get_tensor(key) for key in handle.keys()}
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about pickle protocols on its way to refusing
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise WeightFileError(
+            f"{path}: refused: it pickles Python objects, not just tensors (read with weights_only=True; "
+            "nothing in it was run); expected a state_dict saved with torch.save(model.state_dict())"
+        ) from None
     except Exception as error:  # corrupt, truncated, or a pickle of something other than tensors
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise WeightFileError(f"{path}: not a readable {path.suffix} state_dict ({reason[:160]})") from None
@@ -183,7 +194,7 @@ def _check_keras_model(model: object, path: Path) -> keras.Model:
 def load_keras(path: str | os.PathLike, classifier_activation: str | None = "softmax") -> keras.Model:
     """Load a .keras model, or .weights.h5 weights into a freshly built ResNet-34 (shape read from the file)."""
     path = Path(path)
-    _require_file(path)
+    _require_file(path, KERAS_SUFFIXES)
     if path.name.endswith(".weights.h5"):
         try:
             with h5py.File(path, "r") as handle:
