@@ -3,7 +3,8 @@
 import keras_impl  # noqa: F401  (first: it loads triton before TensorFlow, see PITFALLS.md)
 
 # isort: split
-from conversion.errors import ConversionError, InputError, UserInputError, WeightFileError
+from conversion.errors import ConversionError, ExportError, InputError, UserInputError, WeightFileError
+from conversion.onnx_export import export_onnx, export_torch_onnx, run_onnx
 from conversion.weights import (
     copy_keras_to_torch,
     copy_torch_to_keras,
@@ -13,11 +14,15 @@ from conversion.weights import (
 
 __all__ = [
     "ConversionError",
+    "ExportError",
     "InputError",
     "UserInputError",
     "WeightFileError",
     "copy_keras_to_torch",
     "copy_torch_to_keras",
+    "export_onnx",
+    "export_torch_onnx",
     "keras_to_torch",
+    "run_onnx",
     "torch_to_keras",
 ]
