@@ -103,11 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", metavar="OUT.onnx", help="the ONNX file to write")
     export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: tf2onnx's default)")
     export.add_argument("--nchw", action="store_true", help="take NCHW input like the torch twin (default: NHWC)")
+    export.add_argument(
+        "--size",
+        type=_positive,
+        nargs=2,
+        metavar=("H", "W"),
+        default=None,
+        help="input height and width, for a model built with None spatial dims (default: the model's own)",
+    )
     return parser
 
 
 def _run(args: argparse.Namespace) -> int:
     # Imported here so `--help` and usage errors answer without loading TensorFlow and torch.
+    from rich.console import Console
+
+    status = Console(stderr=True).status
     if args.command == "verify":
         from conversion.verify import run_verify_command
 
@@ -115,15 +126,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "convert":
         from conversion.files import convert_file
 
-        channels = 3
-        if not args.src.endswith((".pt", ".safetensors")):
-            channels = None  # a Keras source records its own channels
-        written = convert_file(
-            args.src,
-            args.dst,
-            input_shape=(*args.input_size, channels or 3),
-            classifier_activation=args.classifier_activation,
-        )
+        with status(f"converting {args.src} -> {args.dst}...", spinner="dots"):
+            written = convert_file(
+                args.src, args.dst, input_size=tuple(args.input_size), classifier_activation=args.classifier_activation
+            )
         print(f"wrote {written}")
         return EXIT_OK
     if args.command == "export-onnx":
@@ -133,7 +139,9 @@ def _run(args: argparse.Namespace) -> int:
 
         if not args.model.endswith(".keras"):
             raise ExportError(f"{args.model}: expected a .keras model")
-        written = export_onnx(load_keras(args.model), args.out, opset=args.opset, nchw=args.nchw)
+        with status(f"exporting {args.model} through tf2onnx (~25 s)...", spinner="dots"):
+            size = tuple(args.size) if args.size else None
+            written = export_onnx(load_keras(args.model), args.out, opset=args.opset, nchw=args.nchw, size=size)
         print(f"wrote {written}")
         return EXIT_OK
     raise AssertionError(args.command)

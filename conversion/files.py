@@ -23,7 +23,7 @@ import torch
 
 import keras_impl
 import torch_impl
-from conversion.errors import ConversionError, WeightFileError
+from conversion.errors import WeightFileError
 from conversion.weights import keras_to_torch, torch_to_keras
 
 KERAS_SUFFIXES = (".keras", ".weights.h5")
@@ -245,7 +245,7 @@ def convert_file(
     src: str | os.PathLike,
     dst: str | os.PathLike,
     *,
-    input_shape: tuple = (224, 224, 3),
+    input_size: tuple[int, int] = (224, 224),
     classifier_activation: str | None = "softmax",
 ) -> Path:
     """Convert between any two of .keras, .weights.h5, .pt and .safetensors (atomic write)."""
@@ -254,7 +254,5 @@ def convert_file(
     if dst_kind == "torch" and isinstance(model, keras.Model):
         model = keras_to_torch(model)
     elif dst_kind == "keras" and isinstance(model, torch_impl.ResNet34):
-        if input_shape[-1] != model.in_channels:
-            raise ConversionError(f"the model takes {model.in_channels} channels. Received: input_shape={input_shape}")
-        model = torch_to_keras(model, input_shape)
+        model = torch_to_keras(model, (*input_size, model.in_channels))
     return save_torch(model, dst) if dst_kind == "torch" else save_keras(model, dst)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import keras_impl  # first: it loads triton before TensorFlow (PITFALLS.md)
 
 # isort: split
+import json
 import re
 import subprocess
 import sys
@@ -380,3 +381,30 @@ def test_cli_as_a_real_command(tmp_path: Path):
         f"resnet34-parity export-onnx: error: {tmp_path}/model.h5: expected a .keras model"
     ]
     assert _left_behind(tmp_path) == []
+
+
+def test_verify_compares_an_onnx_file_with_keras(keras_file: Path, onnx_files, capsys):
+    """`verify --keras A --onnx C`: ONNX Runtime's output joins the report's last row (and must agree)."""
+    code = cli.main(
+        [
+            "verify",
+            "--keras",
+            str(keras_file),
+            "--onnx",
+            str(onnx_files["keras_nchw"]),
+            "--json",
+            "--size",
+            str(HEIGHT),
+            str(WIDTH),
+        ]
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["agree"] and report["compared"] == ["onnx", "torch"]
+    assert report["stages"][-1]["onnx"]["max_rel"] <= RTOL
+
+
+def test_export_cli_size_must_match_a_fixed_size_model(keras_file: Path, tmp_path: Path, capsys):
+    out = tmp_path / "out.onnx"
+    assert cli.main(["export-onnx", str(keras_file), str(out), "--size", "32", "32"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "contradicts the model's input size" in err[0] and not out.exists()
