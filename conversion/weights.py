@@ -146,7 +146,7 @@ def _layer_tensors(path: str, layer: keras.layers.Layer, module: nn.Module) -> l
 def _plan(keras_obj: KerasObject, torch_obj: TorchObject) -> list[_TensorPair]:
     """Every tensor pair of the two objects, audited (names, shapes, dtypes, each used exactly once)."""
     if isinstance(keras_obj, keras_impl.ResidualUnit) or isinstance(torch_obj, torch_impl.ResidualUnit):
-        if not keras_obj.built:
+        if isinstance(keras_obj, keras_impl.ResidualUnit) and not keras_obj.built:
             raise ConversionError("the Keras ResidualUnit is not built: call it on an input (or build it) first")
         pairs = _layer_tensors("", keras_obj, torch_obj)
     elif isinstance(keras_obj, keras.Model) and isinstance(torch_obj, torch_impl.ResNet34):
@@ -182,8 +182,8 @@ def _plan(keras_obj: KerasObject, torch_obj: TorchObject) -> list[_TensorPair]:
     planned = [p.path for p in pairs]
     if len(set(keras_ids)) != len(keras_ids) or len(set(planned)) != len(planned):
         raise ConversionError("internal: a tensor would be used twice")
-    missing = sorted(set(torch_state) - set(planned))
-    extra = sorted(set(planned) - set(torch_state))
+    extra = sorted(set(torch_state) - set(planned))  # in the torch object, with no Keras partner
+    missing = sorted(set(planned) - set(torch_state))  # needed by the Keras object, absent in torch
     if unused or missing or extra:
         raise ConversionError(
             f"tensors without a partner: Keras {unused}, torch missing {missing}, torch extra {extra}"
@@ -264,6 +264,8 @@ def torch_to_keras(obj: TorchObject, input_shape: tuple = (224, 224, 3)) -> Kera
 
     ``input_shape`` is (height, width, channels) for a model; a unit is built for any height and width.
     """
+    if not isinstance(obj, torch_impl.ResidualUnit | torch_impl.ResNet34):
+        raise ConversionError(f"expected a torch ResNet34 or ResidualUnit. Received: {type(obj).__name__}")
     dtypes = {t.dtype for t in obj.state_dict().values() if t.is_floating_point()}
     if len(dtypes) != 1:
         raise ConversionError(f"expected weights of one dtype. Received: {sorted(map(str, dtypes))}")
@@ -280,7 +282,5 @@ def torch_to_keras(obj: TorchObject, input_shape: tuple = (224, 224, 3)) -> Kera
         twin = keras_impl.build_resnet34(
             obj.num_classes, input_shape, obj.classifier_activation, dtype, activation=obj.activation_name
         )
-    else:
-        raise ConversionError(f"expected a torch ResNet34 or ResidualUnit. Received: {type(obj).__name__}")
     copy_torch_to_keras(obj, twin)
     return twin

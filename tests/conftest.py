@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras_impl  # first: it loads triton before TensorFlow (PITFALLS.md)
 
 # isort: split
+from collections.abc import Callable
+
 import keras
 import pytest
 import torch
@@ -38,3 +40,23 @@ def twins_f32() -> tuple[keras.Model, torch.nn.Module]:
 def twins_f64() -> tuple[keras.Model, torch.nn.Module]:
     """float64 twins, logits head, hostile weights."""
     return make_twins("float64")
+
+
+@pytest.fixture(scope="session")
+def unit_twins() -> Callable[..., tuple[keras_impl.ResidualUnit, torch.nn.Module]]:
+    """make(in_channels, filters, strides, dtype): a hostile Keras ResidualUnit (any H, W) and its torch twin.
+
+    Cached for the session: each combination is built, randomised and converted once.
+    """
+    cache: dict[tuple, tuple[keras_impl.ResidualUnit, torch.nn.Module]] = {}
+
+    def make(in_channels: int, filters: int, strides: int, dtype: str, seed: int = SEED):
+        key = (in_channels, filters, strides, dtype, seed)
+        if key not in cache:
+            unit = keras_impl.ResidualUnit(filters, strides=strides, dtype=dtype)
+            unit.build((None, None, None, in_channels))
+            randomize_weights(unit, seed)
+            cache[key] = unit, conversion.keras_to_torch(unit)
+        return cache[key]
+
+    return make
