@@ -3,7 +3,7 @@
 TF pads ``total = max(k - s, 0)`` if ``size % s == 0`` else ``max(k - size % s, 0)`` along each axis and
 puts the odd pixel at the bottom/right. PyTorch's symmetric ``padding=k // 2`` gives the same output size
 on a shifted sampling grid, so every number downstream differs (see PITFALLS.md). Where the padding is
-the same for every input size (stride 1, or a kernel no larger than its stride) it is static and free;
+the same for every input size (a 1x1 window, or stride 1 with an odd kernel) it is static and free;
 otherwise it is computed from the input at run time, like timm's ``Conv2dSame``.
 """
 
@@ -23,7 +23,8 @@ def same_padding(size: int, kernel_size: int, stride: int) -> tuple[int, int]:
 
 def _static_padding(kernel_size: int, stride: int) -> int | None:
     """Symmetric padding that is exact for every input size, or None if it depends on the size."""
-    if kernel_size <= stride:
+    # Not `kernel_size <= stride`: a 2x2/s2 window on an odd size gets TF padding (0, 1).
+    if kernel_size == 1:
         return 0
     if stride == 1 and kernel_size % 2 == 1:
         return (kernel_size - 1) // 2
