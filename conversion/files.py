@@ -89,9 +89,11 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
                 warnings.simplefilter("ignore")
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
+        # torch's safe unpickler stops at the first thing that is not plain tensor data; a corrupt file
+        # and one carrying code often fail at the same opcode, so the message covers both.
         raise WeightFileError(
-            f"{path}: refused: it pickles Python objects, not just tensors (read with weights_only=True; "
-            "nothing in it was run); expected a state_dict saved with torch.save(model.state_dict())"
+            f"{path}: refused: not a plain tensor state_dict (read with weights_only=True, nothing in it was "
+            "run; it is corrupt, truncated, or pickles Python objects); expected torch.save(model.state_dict())"
         ) from None
     except Exception as error:  # corrupt, truncated, or a pickle of something other than tensors
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -250,6 +252,8 @@ def convert_file(
 ) -> Path:
     """Convert between any two of .keras, .weights.h5, .pt and .safetensors (atomic write)."""
     dst_kind = file_kind(dst)
+    if not Path(dst).parent.is_dir():  # fail before the (slow) load, not after
+        raise WeightFileError(f"{dst}: the folder {Path(dst).parent} does not exist")
     model = load_model(src, classifier_activation)
     if dst_kind == "torch" and isinstance(model, keras.Model):
         model = keras_to_torch(model)
