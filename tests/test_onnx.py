@@ -365,24 +365,6 @@ def test_cli_bad_input_is_one_line_exit_2_no_file(bad_inputs, tmp_path: Path, ca
     assert _left_behind(tmp_path) == []
 
 
-@pytest.mark.slow
-def test_cli_as_a_real_command(tmp_path: Path):
-    """`python -m conversion export-onnx` itself: one stderr line and exit 2 on a non-.keras file."""
-    (tmp_path / "model.h5").write_bytes(b"junk")
-    run = subprocess.run(
-        [sys.executable, "-m", "conversion", "export-onnx", str(tmp_path / "model.h5"), str(tmp_path / "out.onnx")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    assert run.returncode == 2
-    assert run.stderr.strip().splitlines() == [
-        f"resnet34-parity export-onnx: error: {tmp_path}/model.h5: expected a .keras model"
-    ]
-    assert _left_behind(tmp_path) == []
-
-
 def test_verify_compares_an_onnx_file_with_keras(keras_file: Path, onnx_files, capsys):
     """`verify --keras A --onnx C`: ONNX Runtime's output joins the report's last row (and must agree)."""
     code = cli.main(
