@@ -45,11 +45,12 @@ BACKENDS = ["torch"] + (["jax"] if importlib.util.find_spec("jax") else [])
 def test_the_keras_model_matches_the_twin_on_every_installed_backend(backend):
     """No tf.* in keras_impl: the same code runs on every Keras backend and gives the twin's logits.
 
-    The model is float64. On TensorFlow that proves the function (~1e-15, tests/test_model_parity.py). On
-    torch and JAX, Keras 3.15's `backend.result_type("float64", "float32")` answers float32, so BatchNormalization computes a
-    float64 model in float32 there (keras-team/keras#23704, open; JAX also needs x64 enabled): measured
-    4.0e-7 (torch) and 1.5e-7 (jax, with JAX_ENABLE_X64=1) — float32 rounding, so those backends are held
-    to the float32 tolerance. If Keras fixes it, tighten this to 1e-10 everywhere.
+    The model is float64. On TensorFlow, the default backend, that proves the function (~1e-15,
+    tests/test_model_parity.py). On torch and JAX, Keras 3.15's `backend.result_type("float64",
+    "float32")` answers float32, so BatchNormalization computes a float64 model in float32 there
+    (keras-team/keras#23704, open; JAX also needs x64 enabled): measured 4.0e-7 (torch) and 1.5e-7
+    (jax, with JAX_ENABLE_X64=1), float32 rounding, so those backends are held to the float32
+    tolerance. If Keras fixes it, tighten this to 1e-10.
     """
     result = _run(_PARITY_SCRIPT.format(dtype="float64"), KERAS_BACKEND=backend, JAX_ENABLE_X64="1")
     assert result.returncode == 0, result.stderr[-2000:]
