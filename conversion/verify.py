@@ -37,7 +37,10 @@ from conversion.arrays import (
     seeded_images,
 )
 from conversion.errors import InputError
-from torch_impl.padding import pad_same
+from conversion.files import load_keras, load_torch
+from conversion.hostile import randomize_weights
+from conversion.weights import check_same_architecture, keras_to_torch, torch_to_keras
+from torch_impl.padding import pad_same, same_padding
 
 # Stage names, in order; "output" exists only when the head has an activation.
 UNIT_COUNT = sum(units for _, units in keras_impl.STAGES)
@@ -158,7 +161,7 @@ def _conv_hypotheses(layer: keras.layers.Conv2D, x: np.ndarray, first_layer: boo
     k, s = layer.kernel_size[0], layer.strides[0]
     xt = _as_torch(x)
     out = {
-        f"symmetric padding ({k // 2}, {k // 2}) where TF 'same' pads {_tf_pads(x.shape[1], k, s)} "
+        f"symmetric padding ({k // 2}, {k // 2}) where TF 'same' pads {same_padding(x.shape[1], k, s)} "
         f"(a {k}x{k}/{s} conv ported with padding=k//2)": F.conv2d(xt, kernel, stride=s, padding=k // 2),
         "conv kernel with H and W swapped (HWIO -> OIHW transposed as (3, 2, 1, 0))": F.conv2d(
             pad_same(xt, k, s), kernel.transpose(2, 3), stride=s
@@ -170,12 +173,6 @@ def _conv_hypotheses(layer: keras.layers.Conv2D, x: np.ndarray, first_layer: boo
             pad_same(misread, k, s), kernel, stride=s
         )
     return {cause: nchw_to_nhwc(t.numpy()) for cause, t in out.items()}
-
-
-def _tf_pads(size: int, k: int, s: int) -> tuple[int, int]:
-    from torch_impl.padding import same_padding
-
-    return same_padding(size, k, s)
 
 
 def _bn_hypotheses(layer: keras.layers.BatchNormalization, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -474,10 +471,6 @@ def verify_models(
 
 def _load_pair(args: argparse.Namespace) -> tuple[keras.Model, nn.Module | None]:
     """The Keras reference and the torch twin: from files, converted from one file, or seeded."""
-    from conversion.files import load_keras, load_torch
-    from conversion.hostile import randomize_weights
-    from conversion.weights import check_same_architecture, keras_to_torch, torch_to_keras
-
     if args.keras:
         keras_model = load_keras(args.keras, args.classifier_activation)
         if not args.torch:
