@@ -1,0 +1,519 @@
+"""Benchmark every runtime on the SAME ResNet-34 weights and inputs (``python benchmarks/run.py --help``).
+
+The parent builds the hostile-weight model once (keras_impl + conversion.hostile), writes its weights,
+the seeded images, the Keras float32 reference logits and the ONNX exports to a folder, then runs each
+(runtime, mode) in a worker process of its own (``python -m benchmarks.worker``) with pinned threads, and
+compares every worker's logits with the reference. Missing runtimes and providers give "skipped: <reason>"
+rows. Exit status: 0 when every row that ran is within its tolerance, 1 when a row failed or is out of
+tolerance, 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+REPO = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # `python benchmarks/run.py`: make the project importable
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import report  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    PROGRESS_PREFIX,
+    REFERENCE_IMAGES,
+    TOLERANCE,
+    TimingConfig,
+    cpu_count,
+    cpu_model,
+    nvidia_smi,
+)
+from benchmarks.worker import RUNTIMES  # noqa: E402
+
+DEFAULT_BATCHES = {"cpu": (1, 8, 32), "cuda": (1, 64, 256)}
+QUICK_BATCHES = {"cpu": (1, 8), "cuda": (1, 64)}
+QUICK_TIMING = TimingConfig(
+    min_warmup=2, max_warmup=10, warmup_s=2.0, iters=5, min_time_s=1.0, max_time_s=5.0, e2e_iters=2
+)
+PACKAGES = (
+    "numpy",
+    "keras",
+    "tensorflow",
+    "tensorflow-cpu",
+    "jax",
+    "jaxlib",
+    "jax-cuda12-plugin",
+    "jax-cuda13-plugin",
+    "torch",
+    "torchvision",
+    "triton",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "tf2onnx",
+    "onnxscript",
+)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _modes_text() -> str:
+    """The modes of each runtime, for --help (the device-only ones marked)."""
+    lines = ["runtimes and modes (* = cuda only, ° = cpu only):"]
+    for runtime, module_name in RUNTIMES.items():
+        module = importlib.import_module(module_name)  # framework-free at import time
+        cpu, cuda = set(module.modes("cpu")), set(module.modes("cuda"))
+        modes = [m + ("" if m in cpu and m in cuda else "*" if m in cuda else "°") for m in module.MODES]
+        lines.append(f"  {runtime}: {', '.join(modes)}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The arguments of ``benchmarks/run.py``."""
+    defaults = TimingConfig()
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/run.py",
+        description=__doc__.split(" (``")[0] + ".",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_modes_text() + "\n\n--quick: batch sizes "
+        f"{' '.join(map(str, QUICK_BATCHES['cpu']))} (cpu) / {' '.join(map(str, QUICK_BATCHES['cuda']))} (cuda) "
+        f"and the timing budget {dataclasses.asdict(QUICK_TIMING)}; explicit flags still win.",
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    parser.add_argument(
+        "--runtimes",
+        type=_names,
+        default=list(RUNTIMES),
+        help=f"comma-separated runtimes (default: {','.join(RUNTIMES)})",
+    )
+    parser.add_argument(
+        "--modes", type=_names, default=None, help="comma-separated modes to keep, e.g. eager,jit (default: all)"
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        type=_positive,
+        nargs="+",
+        default=None,
+        help="batch sizes (default: 1 8 32 on cpu, 1 64 256 on cuda; 1 8 / 1 64 with --quick)",
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer batch sizes and a small timing budget")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for results.json/.csv/.md and the plot (default: benchmarks/results/<machine>)",
+    )
+    parser.add_argument("--threads", type=_positive, default=cpu_count(), help="intra-op threads (default: the cores)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the hostile weights and images (default: 0)")
+    parser.add_argument(
+        "--artifacts",
+        type=Path,
+        default=None,
+        help="keep the prepared weights/reference/ONNX files here and reuse them next time (default: a temp dir)",
+    )
+    parser.add_argument(
+        "--compile-cache",
+        type=Path,
+        default=None,
+        help="torch.compile (inductor/triton) cache folder to keep and reuse; warm caches shrink compile_s "
+        "(default: a fresh temp folder per run, so compile_s is a cold compile)",
+    )
+    parser.add_argument(
+        "--merge", action="store_true", help="keep rows of an earlier results.json in --out that this run does not redo"
+    )
+    parser.add_argument(
+        "--worker-timeout", type=_positive, default=1800, help="seconds before a worker is killed (default: 1800)"
+    )
+    timing = parser.add_argument_group("timing (per runtime, mode and batch size)")
+    timing.add_argument(
+        "--warmup", type=_positive, default=None, help=f"minimum warm-up calls (default: {defaults.min_warmup})"
+    )
+    timing.add_argument(
+        "--max-warmup", type=_positive, default=None, help=f"maximum warm-up calls (default: {defaults.max_warmup})"
+    )
+    timing.add_argument(
+        "--warmup-time",
+        type=float,
+        default=None,
+        help=f"seconds of warm-up before giving up on stability (default: {defaults.warmup_s})",
+    )
+    timing.add_argument(
+        "--iters", type=_positive, default=None, help=f"minimum timed calls (default: {defaults.iters})"
+    )
+    timing.add_argument(
+        "--min-time", type=float, default=None, help=f"minimum seconds of timed calls (default: {defaults.min_time_s})"
+    )
+    timing.add_argument(
+        "--max-time",
+        type=float,
+        default=None,
+        help=f"stop timing after this many seconds once 5 calls are in (default: {defaults.max_time_s})",
+    )
+    timing.add_argument(
+        "--e2e-iters",
+        type=int,
+        default=None,
+        help=f"host-to-host calls timed apart (default: {defaults.e2e_iters})",
+    )
+    return parser
+
+
+def timing_config(args: argparse.Namespace) -> TimingConfig:
+    """The defaults (or --quick's), overridden by explicit flags."""
+    config = QUICK_TIMING if args.quick else TimingConfig()
+    overrides = {
+        "min_warmup": args.warmup,
+        "max_warmup": args.max_warmup,
+        "warmup_s": args.warmup_time,
+        "iters": args.iters,
+        "min_time_s": args.min_time,
+        "max_time_s": args.max_time,
+        "e2e_iters": args.e2e_iters,
+    }
+    return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def machine_folder(device: str, gpus: list[dict[str, str]]) -> str:
+    """results/<this>: the GPU's name on cuda, the CPU model and core count on cpu."""
+    if device == "cuda" and gpus:
+        return "gpu-" + _slug(gpus[0]["name"].removeprefix("NVIDIA "))
+    return f"cpu-{_slug(cpu_model())}-{cpu_count()}core"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git() -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
+        return commit + (" (uncommitted changes)" if dirty.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def worker_env(runtime: str, device: str, threads: int, compile_cache: Path | None = None) -> dict[str, str]:
+    """The environment of a worker: threads pinned, the right Keras backend, the device made explicit."""
+    env = dict(os.environ)
+    if compile_cache is not None:  # torch.compile's caches: a fresh folder makes compile_s a cold compile
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache / "inductor")
+        env["TRITON_CACHE_DIR"] = str(compile_cache / "triton")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS"):
+        env[name] = str(threads)
+    env["TF_NUM_INTEROP_THREADS"] = "1"
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    if runtime.startswith("keras-"):
+        env["KERAS_BACKEND"] = {"keras-tf": "tensorflow", "keras-jax": "jax"}[runtime]
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # nothing may slip onto a GPU
+        env["JAX_PLATFORMS"] = "cpu"
+        flags = f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={threads}"
+        env["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), flags]))
+    else:
+        if env.get("JAX_PLATFORMS") == "cpu":  # set by prepare.py for the parent's own reference run
+            del env["JAX_PLATFORMS"]
+    return env
+
+
+THREAD_ENV = ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "XLA_FLAGS")
+
+
+def environment(args: argparse.Namespace, gpus: list[dict[str, str]], config: TimingConfig) -> dict:
+    """The environment block of results.json (the worker-side details are added as workers finish)."""
+    example = worker_env("keras-jax", args.device, args.threads)
+    return {
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join(["python", "benchmarks/run.py", *sys.argv[1:]]),
+        "git": _git(),
+        "device": args.device,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cores": cpu_count(),
+        "gpus": gpus,
+        "gpu_name": gpus[0]["name"] if gpus else None,
+        "packages": {name: _version(name) for name in PACKAGES},
+        "threads": {
+            "intra_op": args.threads,
+            "inter_op": 1,
+            "env": {k: example[k] for k in THREAD_ENV if k in example},
+        },
+        "load_avg_start": list(os.getloadavg()),
+        "timing": dataclasses.asdict(config),
+        "batch_sizes": args.batch_sizes,
+        "seed": args.seed,
+        "reference_images": REFERENCE_IMAGES,
+        "tolerance": TOLERANCE,
+        "workers": {},
+    }
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(runtime, mode) pairs to run, in order."""
+    unknown = [r for r in args.runtimes if r not in RUNTIMES]
+    if unknown:
+        raise SystemExit(f"run.py: error: unknown runtime(s) {unknown}; expected some of {list(RUNTIMES)}")
+    jobs = []
+    for runtime in args.runtimes:
+        module = importlib.import_module(RUNTIMES[runtime])  # framework-free at import time
+        jobs += [(runtime, mode) for mode in module.modes(args.device) if args.modes is None or mode in args.modes]
+    return jobs
+
+
+class Workers:
+    """Runs the workers one after another under a progress bar and gathers their rows."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        config: TimingConfig,
+        manifest: dict,
+        folder: Path,
+        env: dict,
+        progress: Progress,
+        task: TaskID,
+    ) -> None:
+        self.args, self.config, self.manifest, self.folder, self.env = args, config, manifest, folder, env
+        self.progress, self.task = progress, task
+        self.reference = np.load(folder / manifest["reference"])
+
+    def artifacts(self) -> dict:
+        """The prepared files, as absolute paths for the worker's spec."""
+        m = self.manifest
+        return {
+            "dir": str(self.folder),
+            "images": str(self.folder / m["images"]),
+            "keras_weights": str(self.folder / m["keras_weights"]),
+            "torch_weights": str(self.folder / m["torch_weights"]),
+            "onnx": m.get("onnx", {}),
+        }
+
+    def run_job(self, runtime: str, mode: str, work: Path) -> list[dict]:
+        """One worker process; its rows with max_rel_err filled in."""
+        args = self.args
+        out = work / f"{runtime}_{mode}".replace(".", "_")
+        out.mkdir(parents=True)
+        spec = {
+            "runtime": runtime,
+            "mode": mode,
+            "device": args.device,
+            "batches": args.batch_sizes,
+            "threads": args.threads,
+            "cpus": list(range(args.threads)) if args.threads < cpu_count() else None,
+            "timing": dataclasses.asdict(self.config),
+            "artifacts": self.artifacts(),
+            "gpu_name": self.env["gpu_name"],
+            "out": str(out),
+        }
+        (out / "spec.json").write_text(json.dumps(spec, indent=2))
+        log_path = out / "worker.log"
+        start = time.perf_counter()
+        advanced = 0
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.worker", str(out / "spec.json")],
+                cwd=REPO,
+                env=worker_env(runtime, args.device, args.threads, args.compile_cache or work / "compile-cache"),
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                start_new_session=True,  # its own process group, so a timeout also ends its compile workers
+            )
+            timer = threading.Timer(args.worker_timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+            timer.start()
+            try:
+                for line in proc.stdout:
+                    if line.startswith(PROGRESS_PREFIX):
+                        event = json.loads(line[len(PROGRESS_PREFIX) :])
+                        self.progress.update(self.task, advance=1, description=self._label(runtime, mode, event))
+                        advanced += 1
+                    else:
+                        log.write(line)
+                returncode = proc.wait()
+            finally:
+                timer.cancel()
+        result_path = out / "result.json"
+        elapsed = time.perf_counter() - start
+        result = json.loads(result_path.read_text()) if result_path.is_file() else {"rows": [], "info": {}}
+        done = {row["batch"] for row in result["rows"]}
+        if returncode != 0 or len(done) < len(args.batch_sizes):  # killed or crashed: the rest are errors
+            timed_out = elapsed >= args.worker_timeout
+            why = f"timed out after {args.worker_timeout} s" if timed_out else f"exited with {returncode}"
+            status = f"error: worker {why} ({_tail(log_path)})"
+            result["rows"] += [self._row(runtime, mode, b, status) for b in args.batch_sizes if b not in done]
+            self.progress.update(self.task, advance=len(args.batch_sizes) - advanced)
+        self.env["workers"][f"{runtime}/{mode}"] = {**result.get("info", {}), "wall_s": elapsed}
+        rows = [self._check(row, out) for row in result["rows"]]
+        if any(row["status"].startswith("error") for row in rows):
+            self._keep_log(log_path, runtime, mode)
+        return rows
+
+    def _label(self, runtime: str, mode: str, event: dict) -> str:
+        return f"{runtime} {mode} batch {event['batch']}: {event['status'][:40]}"
+
+    def _row(self, runtime: str, mode: str, batch: int, status: str) -> dict:
+        return {"runtime": runtime, "mode": mode, "device": self.args.device, "batch": batch, "status": status}
+
+    def _check(self, row: dict, out: Path) -> dict:
+        """Fill max_rel_err, the tolerance and whether the row is within it."""
+        from conversion.arrays import max_rel_err
+
+        if row["status"] != "ok":
+            return row
+        logits = np.load(out / f"logits_b{row['batch']}.npy")
+        reference = self.reference[np.arange(row["batch"]) % len(self.reference)]
+        row["max_rel_err"] = max_rel_err(logits, reference)
+        row["tolerance"] = TOLERANCE[row["dtype"]]
+        row["within_tolerance"] = row["max_rel_err"] <= row["tolerance"]
+        return row
+
+    def _keep_log(self, log_path: Path, runtime: str, mode: str) -> None:
+        logs = self.args.out / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        shutil.copy(log_path, logs / f"{runtime}_{mode}.log")
+
+
+def _tail(path: Path) -> str:
+    """The last non-empty line of a worker's log, for the row's status."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "no output"
+
+
+def merge(out: Path, env: dict, rows: list[dict]) -> tuple[dict, list[dict]]:
+    """This run's rows plus those of an earlier results.json in ``out`` that it did not redo, in table order."""
+    path = out / "results.json"
+    if not path.is_file():
+        return env, rows
+    old = json.loads(path.read_text())
+    redone = {(r["runtime"], r["mode"], r["device"], r["batch"]) for r in rows}
+    kept = [r for r in old["rows"] if (r["runtime"], r["mode"], r["device"], r["batch"]) not in redone]
+    previous = old["environment"].pop("previous_runs", [])
+    env["previous_runs"] = [*previous, old["environment"]]
+    return env, sorted(rows + kept, key=_row_order)
+
+
+def _row_order(row: dict) -> tuple[int, int, int]:
+    """Runtimes and modes in their declared order, then batch size."""
+    runtimes = list(RUNTIMES)
+    runtime = runtimes.index(row["runtime"]) if row["runtime"] in runtimes else len(runtimes)
+    modes = list(importlib.import_module(RUNTIMES[row["runtime"]]).MODES) if runtime < len(runtimes) else []
+    mode = modes.index(row["mode"]) if row["mode"] in modes else len(modes)
+    return runtime, mode, row["batch"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Prepare once, run every worker, compare, write the result files, print the table."""
+    args = build_parser().parse_args(argv)
+    args.batch_sizes = args.batch_sizes or list((QUICK_BATCHES if args.quick else DEFAULT_BATCHES)[args.device])
+    config = timing_config(args)
+    jobs = plan(args)
+    gpus = nvidia_smi()
+    args.out = args.out or REPO / "benchmarks" / "results" / machine_folder(args.device, gpus)
+    env = environment(args, gpus, config)
+    console = Console(stderr=True)
+    start = time.perf_counter()
+    rows: list[dict] = []
+    if args.device == "cuda" and not gpus:
+        reason = "skipped: no CUDA device (nvidia-smi reports no GPU)"
+        rows = [
+            {"runtime": r, "mode": m, "device": "cuda", "batch": b, "status": reason}
+            for r, m in jobs
+            for b in args.batch_sizes
+        ]
+    else:
+        rows = run_all(args, config, jobs, env, console)
+    env["load_avg_end"] = list(os.getloadavg())
+    env["wall_s"] = time.perf_counter() - start
+    if args.merge:
+        env, rows = merge(args.out, env, rows)
+    for path in report.write_all(args.out, env, rows):
+        console.print(f"wrote {path}")
+    print(report.markdown_table(rows))
+    failed = [r for r in rows if r["status"].startswith("error") or r.get("within_tolerance") is False]
+    for row in failed:
+        console.print(
+            f"[red]{row['runtime']} {row['mode']} batch {row['batch']}: {row['status']} "
+            f"max_rel_err={row.get('max_rel_err')}[/red]"
+        )
+    return 1 if failed else 0
+
+
+def _ort_can_run(device: str) -> bool:
+    """Whether onnxruntime has a provider for ``device`` (else the exports would be wasted time)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    wanted = {"CPUExecutionProvider"} if device == "cpu" else {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+    return bool(wanted & set(ort.get_available_providers()))
+
+
+def run_all(
+    args: argparse.Namespace, config: TimingConfig, jobs: list[tuple[str, str]], env: dict, console: Console
+) -> list[dict]:
+    """Prepare the shared files, then run the workers under a progress bar."""
+    from benchmarks.prepare import choose_keras_backend, load_manifest, prepare
+
+    choose_keras_backend()  # the parent imports keras (conversion.arrays) even when it reuses the files
+    need_onnx = "ort" in args.runtimes and _ort_can_run(args.device)
+    with tempfile.TemporaryDirectory(prefix="resnet34-bench-") as tmp:
+        folder = args.artifacts or Path(tmp) / "artifacts"
+        manifest = load_manifest(folder, args.seed)
+        if manifest is None or (need_onnx and not manifest.get("onnx")):
+            with console.status("preparing: hostile weights, reference logits, ONNX exports"):
+                manifest = prepare(folder, seed=args.seed, onnx=need_onnx, log=console.log)
+        else:
+            console.log(f"reusing the prepared files in {folder}")
+        env["reference_by"] = manifest["reference_by"]
+        env["onnx_exports"] = manifest.get("onnx", {})
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        rows: list[dict] = []
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("starting", total=len(jobs) * len(args.batch_sizes))
+            workers = Workers(args, config, manifest, folder, env, progress, task)
+            for runtime, mode in jobs:
+                progress.update(task, description=f"{runtime} {mode}: starting")
+                rows += workers.run_job(runtime, mode, Path(tmp) / "work")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
