@@ -185,6 +185,8 @@ def plot(rows: list[dict], env: dict, path: Path) -> Path | None:
 
 def write_all(out: Path, env: dict, rows: list[dict]) -> list[Path]:
     """Write every result file into ``out``; the paths written."""
+    # One flat schema for every row: a skipped or failed row has the same keys, with None where nothing ran.
+    rows = [{**dict.fromkeys(COLUMNS), **row} for row in rows]
     written = [write_json(out / "results.json", {"environment": env, "rows": rows})]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
