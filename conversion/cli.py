@@ -27,6 +27,11 @@ def _positive(text: str) -> int:
     return value
 
 
+def _add_size(parser: argparse.ArgumentParser, flag: str, default: tuple[int, int] | None, help: str) -> None:
+    """An (H, W) option of two positive integers."""
+    parser.add_argument(flag, type=_positive, nargs=2, metavar=("H", "W"), default=default, help=help)
+
+
 def _head_activation(text: str) -> str | None:
     return None if text in ("none", "linear") else text
 
@@ -49,14 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("--images", metavar="X.npy", help="NHWC images to use instead of seeded random ones")
     verify.add_argument("--batch", type=_positive, default=2, help="images per batch (default: 2)")
-    verify.add_argument(
-        "--size",
-        type=_positive,
-        nargs=2,
-        metavar=("H", "W"),
-        default=(224, 224),
-        help="image height and width (default: 224 224)",
-    )
+    _add_size(verify, "--size", (224, 224), "image height and width (default: 224 224)")
     verify.add_argument("--seed", type=int, default=0, help="seed of the weights and images (default: 0)")
     verify.add_argument(
         "--dtype",
@@ -79,13 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("src", help="source file (.keras, .weights.h5, .pt, .safetensors)")
     convert.add_argument("dst", help="destination file (.keras, .weights.h5, .pt, .safetensors)")
-    convert.add_argument(
+    _add_size(
+        convert,
         "--input-size",
-        type=_positive,
-        nargs=2,
-        metavar=("H", "W"),
-        default=(224, 224),
-        help="input height and width of a .keras destination built from torch (default: 224 224)",
+        (224, 224),
+        "input height and width of a .keras destination built from torch (default: 224 224)",
     )
     convert.add_argument(
         "--classifier-activation",
@@ -103,13 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", metavar="OUT.onnx", help="the ONNX file to write")
     export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: tf2onnx's default)")
     export.add_argument("--nchw", action="store_true", help="take NCHW input like the torch twin (default: NHWC)")
-    export.add_argument(
+    _add_size(
+        export,
         "--size",
-        type=_positive,
-        nargs=2,
-        metavar=("H", "W"),
-        default=None,
-        help="input height and width, for a model built with None spatial dims (default: the model's own)",
+        None,
+        "input height and width, for a model built with None spatial dims (default: the model's own)",
     )
     return parser
 
