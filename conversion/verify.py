@@ -11,11 +11,12 @@ recomputed from the reference's weights, and the one that reproduces the diverge
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -335,6 +336,26 @@ def _bn_pairs(keras_model: keras.Model, torch_model: nn.Module) -> list[tuple[st
     return pairs
 
 
+@contextlib.contextmanager
+def restored_batchnorm_statistics(keras_model: keras.Model) -> Iterator[None]:
+    """Put every BatchNorm moving statistic of ``keras_model`` back as it was once the block ends
+    (a training-mode call updates them all, paired with torch or not)."""
+    layers = [layer for layer in keras_model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [
+        (keras.ops.convert_to_numpy(bn.moving_mean), keras.ops.convert_to_numpy(bn.moving_variance)) for bn in layers
+    ]
+    try:
+        yield
+    finally:
+        for bn, (mean, variance) in zip(layers, saved, strict=True):
+            bn.moving_mean.assign(mean)
+            bn.moving_variance.assign(variance)
+
+
+def _model_dtype(keras_model: keras.Model) -> str:
+    return keras.backend.standardize_dtype(keras_model.get_layer("stem_conv").kernel.dtype)
+
+
 def training_check(keras_model: keras.Model, torch_model: nn.Module, images: np.ndarray, tolerance: float) -> dict:
     """One training-mode forward in each: are the BatchNorm moving means updated the same way?
 
@@ -343,25 +364,15 @@ def training_check(keras_model: keras.Model, torch_model: nn.Module, images: np.
     Neither model is changed: Keras's statistics are restored and torch runs on a copy.
     """
     pairs = _bn_pairs(keras_model, torch_model)
-    # Every Keras BatchNorm is saved and restored, paired with torch or not, so the model is left as it was.
-    keras_bns = [layer for layer in keras_model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
-    saved = {
-        id(bn): (keras.ops.convert_to_numpy(bn.moving_mean), keras.ops.convert_to_numpy(bn.moving_variance))
-        for bn in keras_bns
-    }
-    try:
+    old_means = [keras.ops.convert_to_numpy(k.moving_mean) for _, k, _ in pairs]
+    with restored_batchnorm_statistics(keras_model):
         keras_model(images, training=True)
         keras_means = [keras.ops.convert_to_numpy(k.moving_mean) for _, k, _ in pairs]
-    finally:
-        for bn in keras_bns:
-            bn.moving_mean.assign(saved[id(bn)][0])
-            bn.moving_variance.assign(saved[id(bn)][1])
     twin = copy.deepcopy(torch_model).train()
     with torch.no_grad():
         twin(torch.from_numpy(nhwc_to_nchw(images)))
     twin_bns = {path: module for path, _, module in _bn_pairs(keras_model, twin)}
-    for (path, k_layer, _), new_mean in zip(pairs, keras_means, strict=True):
-        old_mean = saved[id(k_layer)][0]
+    for (path, k_layer, _), old_mean, new_mean in zip(pairs, old_means, keras_means, strict=True):
         got = twin_bns[path].running_mean.numpy()
         err = max_rel_err(got, new_mean)
         if err > tolerance:
@@ -388,7 +399,7 @@ def verify_models(
     train_check: bool = True,
 ) -> dict:
     """Compare the torch twin (and an ONNX file) with the Keras model stage by stage; returns the report."""
-    dtype = keras.backend.standardize_dtype(keras_model.get_layer("stem_conv").kernel.dtype)
+    dtype = _model_dtype(keras_model)
     tolerance = TOLERANCE.get(dtype, TOLERANCE["float32"])
     keras_stages = _keras_stages(keras_model)
     names = [name for name, _ in keras_stages]
@@ -491,7 +502,7 @@ def _load_pair(args: argparse.Namespace) -> tuple[keras.Model, nn.Module | None]
 
 
 def _images(args: argparse.Namespace, keras_model: keras.Model) -> np.ndarray:
-    dtype = keras.backend.standardize_dtype(keras_model.get_layer("stem_conv").kernel.dtype)
+    dtype = _model_dtype(keras_model)
     _, height, width, channels = keras_model.input_shape
     if args.images:
         try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 
-import keras
 import numpy as np
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch
 from conversion.arrays import TOLERANCE, max_rel_err, nhwc_to_nchw, seeded_images
 from conversion.cli import main
 from conversion.files import load_torch, save_keras, save_torch
-from conversion.verify import UNIT_COUNT, verify_models
+from conversion.verify import UNIT_COUNT, restored_batchnorm_statistics, verify_models
 
 STAGES = ["stem", *(f"unit_{i}" for i in range(UNIT_COUNT)), "pooled", "logits"]
 
@@ -83,17 +82,10 @@ def test_training_mode_updates_moving_statistics_like_keras(twins_f32):
     # (layer, n = N * H * W values per channel for a 64x64 batch of 2): 32x32 maps at the stem, 2x2 at the end.
     checks = [("stem_bn", 2 * 32 * 32), ("unit_15", 2 * 2 * 2)]
     keras_bns = [keras_model.get_layer("stem_bn"), keras_model.get_layer("unit_15").main_layers[4]]
-    # A training-mode call updates EVERY BatchNorm of this shared session model: snapshot and restore all.
-    every_bn = [layer for layer in keras_model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
-    snapshot = [(np.array(bn.moving_mean), np.array(bn.moving_variance)) for bn in every_bn]
     saved = [(np.array(bn.moving_mean), np.array(bn.moving_variance)) for bn in keras_bns]
-    try:
+    with restored_batchnorm_statistics(keras_model):  # the session's shared model must stay as it was
         keras_model(images, training=True)
         updated = [(np.array(bn.moving_mean), np.array(bn.moving_variance)) for bn in keras_bns]
-    finally:
-        for bn, (mean, var) in zip(every_bn, snapshot, strict=True):
-            bn.moving_mean.assign(mean)
-            bn.moving_variance.assign(var)
     twin = copy.deepcopy(torch_model).train()
     with torch.no_grad():
         twin(torch.from_numpy(nhwc_to_nchw(images)))
