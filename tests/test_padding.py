@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from conversion.arrays import max_rel_err, nchw_to_nhwc, nhwc_to_nchw
-from torch_impl.padding import Conv2dSame, MaxPool2dSame, pad_same, same_padding
+from torch_impl.padding import Conv2dSame, MaxPool2dSame, ceil_mode_padding, max_pool_same, pad_same, same_padding
 
 # float64 convolutions of a few channels: measured <= 7.8e-16 relative to the output scale over every case
 # below (summation order only). 1e-12 leaves a wide margin and is ~11 orders of magnitude below the error
@@ -209,3 +209,39 @@ def test_zero_padded_max_pool_is_caught(kernel, stride, height, width):
     assert zero_padded.shape == expected.shape
     assert not np.array_equal(zero_padded, expected)
     assert zero_padded.max() == 0.0  # the padding won somewhere
+
+
+# --- copy-free paths: the same numbers as an explicit pad, without the copy ------------------------
+
+
+def test_ceil_mode_max_pool_equals_explicit_minus_inf_padding():
+    # Every size 1..40, kernel 1..7 and stride 1..3: where ceil_mode is used it must select exactly what
+    # pooling an explicitly -inf-padded copy selects (and the output size must be TF's ceil(size / stride)).
+    for size in range(1, 41):
+        x = _negative_images(size, size + 1, "float64", seed=size).transpose(0, 3, 1, 2)
+        x = torch.from_numpy(np.ascontiguousarray(x))
+        for kernel in range(1, 8):
+            for stride in range(1, 4):
+                expected = F.max_pool2d(pad_same(x, kernel, stride, value=float("-inf")), kernel, stride)
+                actual = max_pool_same(x, kernel, stride)
+                assert actual.shape[-2:] == (math.ceil(size / stride), math.ceil((size + 1) / stride))
+                assert torch.equal(actual, expected), (size, kernel, stride)
+
+
+def test_the_networks_max_pool_needs_no_copy_at_any_size():
+    # ResNet-34's 3x3/s2 pool takes its TF padding from ceil_mode for every input size; only even
+    # kernels at stride 1 (whose extra pixel ceil_mode cannot add) fall back to a padded copy.
+    assert all(ceil_mode_padding(size, 3, 2) is not None for size in range(1, 1000))
+    assert ceil_mode_padding(112, 3, 2) == 0 and ceil_mode_padding(113, 3, 2) == 1
+    assert ceil_mode_padding(8, 2, 1) is None
+
+
+def test_symmetric_run_time_padding_goes_to_the_convolution(monkeypatch):
+    # On odd sizes a strided 3x3 needs (1, 1): no padded copy is made (the Keras comparison above checks
+    # the numbers on odd-9x9); on even sizes (0, 1) still needs one.
+    calls = []
+    real_pad = F.pad
+    monkeypatch.setattr(F, "pad", lambda *args, **kwargs: calls.append(args[1]) or real_pad(*args, **kwargs))
+    conv = Conv2dSame(2, 2, 3, 2)
+    assert conv(torch.zeros(1, 2, 9, 9)).shape == (1, 2, 5, 5) and calls == []
+    assert conv(torch.zeros(1, 2, 8, 8)).shape == (1, 2, 4, 4) and calls == [(0, 1, 0, 1)]

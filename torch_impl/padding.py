@@ -4,7 +4,9 @@ TF pads ``total = max(k - s, 0)`` if ``size % s == 0`` else ``max(k - size % s, 
 puts the odd pixel at the bottom/right. PyTorch's symmetric ``padding=k // 2`` gives the same output size
 on a shifted sampling grid, so every number downstream differs (see PITFALLS.md). Where the padding is
 the same for every input size (a 1x1 window, or stride 1 with an odd kernel) it is static and free;
-otherwise it is computed from the input at run time, like timm's ``Conv2dSame``.
+otherwise it is computed from the input at run time, like timm's ``Conv2dSame``. Even then a copy is
+made only where it must be: symmetric padding goes to the convolution itself, and a max-pool takes the
+odd bottom/right pixel from ``ceil_mode`` (whose overhanging cells never win, exactly like TF's).
 """
 
 from __future__ import annotations
@@ -40,6 +42,37 @@ def pad_same(x: torch.Tensor, kernel_size: int, stride: int, value: float = 0.0)
     return F.pad(x, (left, right, top, bottom), value=value)
 
 
+def padded_for_conv(x: torch.Tensor, kernel_size: int, stride: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``x`` and the symmetric (H, W) padding that give TF "same" in ``F.conv2d``; a copy only if uneven."""
+    top, bottom = same_padding(x.shape[-2], kernel_size, stride)
+    left, right = same_padding(x.shape[-1], kernel_size, stride)
+    if top == bottom and left == right:
+        return x, (top, left)
+    return F.pad(x, (left, right, top, bottom)), (0, 0)
+
+
+def _ceil_mode_output(size: int, kernel_size: int, stride: int, padding: int) -> int:
+    """Output length of torch's max-pool with ``ceil_mode=True`` (the formula of the MaxPool2d docs)."""
+    out = -(-(size + 2 * padding - kernel_size) // stride) + 1
+    # The last window must start inside the input or the left padding.
+    return out - 1 if (out - 1) * stride >= size + padding else out
+
+
+def ceil_mode_padding(size: int, kernel_size: int, stride: int) -> int | None:
+    """Symmetric padding with which torch's ``ceil_mode`` max-pool gives TF "same" on ``size``, or None."""
+    before, _ = same_padding(size, kernel_size, stride)
+    exact = before <= kernel_size // 2 and _ceil_mode_output(size, kernel_size, stride, before) == -(-size // stride)
+    return before if exact else None
+
+
+def max_pool_same(x: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
+    """TF "same" max-pooling of an NCHW tensor; -inf padding, copied only where ``ceil_mode`` cannot do it."""
+    padding = [ceil_mode_padding(size, kernel_size, stride) for size in x.shape[-2:]]
+    if None in padding:
+        return F.max_pool2d(pad_same(x, kernel_size, stride, value=float("-inf")), kernel_size, stride)
+    return F.max_pool2d(x, kernel_size, stride, padding=tuple(padding), ceil_mode=True)
+
+
 class Conv2dSame(nn.Conv2d):
     """Square-kernel ``nn.Conv2d`` with TF "same" padding, bias-free by default as in the book."""
 
@@ -51,9 +84,10 @@ class Conv2dSame(nn.Conv2d):
         self.dynamic_padding = padding is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dynamic_padding:
-            x = pad_same(x, self.kernel_size[0], self.stride[0])
-        return super().forward(x)
+        if not self.dynamic_padding:
+            return super().forward(x)
+        x, padding = padded_for_conv(x, self.kernel_size[0], self.stride[0])
+        return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
 
 class MaxPool2dSame(nn.MaxPool2d):
@@ -66,6 +100,6 @@ class MaxPool2dSame(nn.MaxPool2d):
         self.dynamic_padding = padding is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dynamic_padding:
-            x = pad_same(x, self.kernel_size, self.stride, value=float("-inf"))
-        return super().forward(x)
+        if not self.dynamic_padding:
+            return super().forward(x)
+        return max_pool_same(x, self.kernel_size, self.stride)
