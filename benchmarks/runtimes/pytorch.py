@@ -1,5 +1,6 @@
 """The torch twin: eager NCHW, channels_last, ``torch.compile``; on a GPU also TF32, fp16/bf16, CUDA graphs,
-``mode="max-autotune"`` and inference freezing.
+``mode="max-autotune"``, inference freezing, and the fused inference rewrite (``benchmarks/fusion.py``:
+BatchNorm folded, conv + bias + residual + ReLU as one cuDNN call).
 
 float32 rows on a GPU run with TF32 off (cuDNN allows it by default); TF32 is its own mode.
 """
@@ -25,6 +26,7 @@ class Mode:
     compile: str | None = None  # torch.compile mode ("default", "max-autotune"), None for eager
     freeze: bool = False  # torch._inductor.config.freezing: weights become constants, BN folded
     cuda_graph: bool = False  # manual torch.cuda.CUDAGraph capture of the eager model
+    fused: bool = False  # benchmarks.fusion.FusedResNet34: folded BN, cuDNN conv+bias(+add)+ReLU kernels
     gpu_only: bool = False
 
 
@@ -37,6 +39,8 @@ MODES = {
     "fp16-cl": Mode(dtype="float16", channels_last=True, gpu_only=True),
     "bf16-cl": Mode(dtype="bfloat16", channels_last=True, gpu_only=True),
     "fp16-cl-cudagraph": Mode(dtype="float16", channels_last=True, cuda_graph=True, gpu_only=True),
+    "fp16-cl-fused-cudagraph": Mode(dtype="float16", channels_last=True, fused=True, cuda_graph=True, gpu_only=True),
+    "bf16-cl-fused-cudagraph": Mode(dtype="bfloat16", channels_last=True, fused=True, cuda_graph=True, gpu_only=True),
     "fp16-cl-max-autotune": Mode(dtype="float16", channels_last=True, compile="max-autotune", gpu_only=True),
     "fp16-cl-max-autotune-freeze": Mode(
         dtype="float16", channels_last=True, compile="max-autotune", freeze=True, gpu_only=True
@@ -99,6 +103,10 @@ class TorchRunner(BaseRunner):
         self.memory_format = torch.channels_last if mode.channels_last else torch.contiguous_format
         model = torch_impl.ResNet34(num_classes=NUM_CLASSES, classifier_activation=None)
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        if mode.fused:
+            from benchmarks.fusion import FusedResNet34
+
+            model = FusedResNet34(model.eval())
         self.model = model.eval().to(self.device, torch_dtype).to(memory_format=self.memory_format)
         self.forward = self.model
         if mode.compile:
@@ -113,6 +121,8 @@ class TorchRunner(BaseRunner):
             flags.append(f"tf32={'on' if self.dtype == 'tf32' else 'off'}, cudnn.benchmark=on")
         if mode.compile:
             flags.append(f"compile={mode.compile}, freezing={'on' if mode.freeze else 'off'}")
+        if mode.fused:
+            flags.append("fused: BN folded, cuDNN conv+bias(+add)+ReLU")
         if mode.cuda_graph:
             flags.append("cuda-graph")
         self.flags = ", ".join(flags)

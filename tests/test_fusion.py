@@ -1,0 +1,85 @@
+"""benchmarks/fusion.py: the fused inference rewrite computes the same function as the Keras model.
+
+On a CPU the fused layers run as conv (folded BN) + add + ReLU, so these tests check the folding and the
+wiring; the one cuDNN call per layer that replaces them on a GPU is checked by the benchmark's max_rel_err
+column on that GPU. Measured here against Keras (seed-0 hostile weights, logits):
+
+    case                         float32    float64    (the twin itself: float32, float64)
+    batch 2, 224x224             7.3e-07    1.5e-15    5.1e-07, 1.0e-15
+    batch 1, 225x225 (odd)       4.3e-07    5.8e-16    1.7e-07, 9.6e-16
+    batch 3, 97x131              6.4e-07    8.0e-16    4.3e-07, 1.1e-15
+
+so the bounds are the twins' own (conversion.arrays.TOLERANCE: 1e-5 and 1e-10). Folding in float32 instead
+of float64 would still pass float32; float64 at ~1e-15 shows nothing was rounded on the way (a head copied
+through float32 gave 2.6e-8 here and failed).
+"""
+
+from __future__ import annotations
+
+import keras_impl  # noqa: F401  (first: it loads triton before TensorFlow, see PITFALLS.md)
+
+# isort: split
+import keras
+import numpy as np
+import pytest
+import torch
+
+import torch_impl
+from benchmarks.fusion import FusedResNet34, fold_batch_norm
+from conversion.arrays import TOLERANCE, max_rel_err, nhwc_to_nchw, seeded_images
+
+CASES = [(2, 224, 224), (1, 225, 225), (3, 97, 131)]
+CASE_IDS = ["batch2-224x224", "batch1-odd-225x225", "batch3-non-square-97x131"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(("batch", "height", "width"), CASES, ids=CASE_IDS)
+def test_fused_model_matches_keras(twins_f32, twins_f64, batch, height, width, dtype):
+    keras_model, torch_model = {"float32": twins_f32, "float64": twins_f64}[dtype]
+    fused = FusedResNet34(torch_model)
+    images = seeded_images(batch, height, width, seed=height * 1000 + width, dtype=dtype)
+    expected = keras.ops.convert_to_numpy(keras_model(images, training=False))
+    actual = fused(torch.from_numpy(nhwc_to_nchw(images))).numpy()
+    assert actual.dtype == np.dtype(dtype) and actual.shape == expected.shape == (batch, 10)
+    assert max_rel_err(actual, expected) <= TOLERANCE[dtype]
+
+
+def test_fused_model_keeps_the_original_unchanged(twins_f64):
+    _, torch_model = twins_f64
+    before = {name: tensor.clone() for name, tensor in torch_model.state_dict().items()}
+    FusedResNet34(torch_model)
+    after = torch_model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_folded_batch_norm_equals_conv_then_batch_norm():
+    # A strided 3x3 with a tiny-variance channel, in float64: folding is exact up to rounding.
+    torch.manual_seed(0)
+    unit = torch_impl.ResidualUnit(4, 6, strides=2).double().eval()
+    conv, bn = unit.main_layers[0], unit.main_layers[1]
+    with torch.no_grad():
+        bn.running_mean.normal_(0.0, 1.0)
+        bn.running_var.uniform_(0.05, 20.0)
+        bn.running_var[0] = 1e-6
+        bn.weight.normal_(1.0, 0.3)
+        bn.bias.normal_(0.0, 0.5)
+    weight, bias = fold_batch_norm(conv, bn)
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    with torch.no_grad():
+        expected = bn(conv(x))
+        folded = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 1, 1, 1)), weight, bias, stride=2)
+    assert max_rel_err(folded.numpy(), expected.numpy()) <= 1e-13
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"activation": "elu"}, "fuses ReLU only"),
+        ({"classifier_activation": "softmax"}, "returns logits"),
+    ],
+    ids=["elu", "softmax-head"],
+)
+def test_fused_model_refuses_what_it_cannot_fuse(kwargs, message):
+    model = torch_impl.ResNet34(**{"classifier_activation": None, **kwargs})
+    with pytest.raises(ValueError, match=message):
+        FusedResNet34(model)
