@@ -51,3 +51,48 @@ def test_cuda_run_without_a_gpu_skips_cleanly_and_writes_every_file(tmp_path):
         assert row["status"].startswith("skipped: ") and row["p50_ms"] is None, row
     with open(out / "results.csv") as handle:
         assert len(list(csv.DictReader(handle))) == len(rows)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the profile would really run")
+def test_gpu_profile_without_a_gpu_exits_with_one_line_and_writes_nothing(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_profile", "--out", str(tmp_path / "profile")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode != 0
+    assert run.stderr.strip().splitlines()[-1] == (
+        "gpu_profile needs a CUDA device (torch.cuda.is_available() is False)"
+    )
+    assert not (tmp_path / "profile").exists()
+
+
+def test_gpu_profile_sorts_kernels_into_categories():
+    from benchmarks.gpu_profile import category
+
+    assert category("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc") == "convolution"
+    assert category("void cudnn::bn_fw_inf_1C11_kernel_NCHW<__half, float, true, 1>") == "batchnorm"
+    assert category("triton_poi_fused_constant_pad_nd_relu_3") == "pad"
+    assert category("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize64x64x64") == "matmul"
+    assert category("void at::native::vectorized_elementwise_kernel<4, at::native::launch_clamp_scalar>") == (
+        "pointwise"
+    )
+
+
+def test_roofline_counts_the_issues_flops_and_each_ways_kernels():
+    from benchmarks.common import GFLOP_PER_IMAGE_224
+    from benchmarks.roofline import floor_ms, kernels
+
+    floors = {way: floor_ms(kernels(256, way), tflops=798.0, gb_per_s=3000.0) for way in ("eager", "folded", "fused")}
+    # The % peak column's 7.34 GFLOP per 224x224 image (torchvision's 3.67 GMACs, rounded up), counted from
+    # the network's own shapes: 7.328 GFLOP in the convolutions and the head.
+    assert floors["fused"]["gflop"] / 256 == pytest.approx(GFLOP_PER_IMAGE_224, rel=5e-3)
+    # 36 convs; eager adds 36 BN, 16 adds, 33 ReLUs, 4 pads, the pool and the head; folding leaves one
+    # element-wise kernel per ReLU; fusing leaves the convs, the 4 uneven pads, the pool and the head.
+    assert [floors[w]["kernels"] for w in ("eager", "folded", "fused")] == [127, 72, 42]
+    assert floors["eager"]["gbytes"] > floors["folded"]["gbytes"] > floors["fused"]["gbytes"]
+    assert floors["fused"]["floor_ms"] < floors["folded"]["floor_ms"] < floors["eager"]["floor_ms"]
+    with pytest.raises(ValueError, match="way must be one of"):
+        kernels(1, "magic")
