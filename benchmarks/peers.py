@@ -1,6 +1,6 @@
 """Interleaved peer comparisons the other issues ask for (A, B, A, B, ... in ONE process, threads pinned).
 
-    python -m benchmarks.peers torch   # issue 2: the torch twin's eager CPU latency vs torchvision's resnet34
+    python -m benchmarks.peers torch   # issue 2: the torch twin (and its BN-folded rewrite) vs torchvision, eager CPU
     python -m benchmarks.peers onnx    # issue 3: ONNX Runtime CPU, our Keras export vs torchvision's export
 
 Absolute times on a shared machine drift by 10-30% between runs (PITFALLS.md), so each comparison runs
@@ -80,16 +80,22 @@ def _environment(threads: int) -> dict:
 
 
 def compare_torch(args: argparse.Namespace) -> dict:
-    """The twin's eager batch-N latency vs torchvision's resnet34 (same classes, symmetric padding)."""
+    """The twin's eager batch-N latency vs torchvision's resnet34 (same classes, symmetric padding).
+
+    Also the twin's inference rewrite (``benchmarks.fusion``: BatchNorm folded; on a CPU its convolutions
+    run as ``F.conv2d`` + ReLU), to show what folding alone buys where the convolutions dominate.
+    """
     import torch
     import torchvision
 
     import torch_impl
+    from benchmarks.fusion import FusedResNet34
 
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     torch.manual_seed(0)
     twin = torch_impl.ResNet34(num_classes=NUM_CLASSES, classifier_activation=None).eval()
+    fused = FusedResNet34(twin)
     reference = torchvision.models.resnet34(num_classes=NUM_CLASSES).eval()
     results = {"comparison": "torch twin vs torchvision resnet34, eager, fp32, NCHW", **_environment(args.threads)}
     results["versions"] = {"torch": torch.__version__, "torchvision": torchvision.__version__}
@@ -97,7 +103,11 @@ def compare_torch(args: argparse.Namespace) -> dict:
     with torch.inference_mode():
         for batch in args.batch_sizes:
             x = torch.randn(batch, 3, *IMAGE_SIZE)
-            calls = {"twin": lambda x=x: twin(x), "torchvision": lambda x=x: reference(x)}
+            calls = {
+                "twin": lambda x=x: twin(x),
+                "twin-fused": lambda x=x: fused(x),
+                "torchvision": lambda x=x: reference(x),
+            }
             results["batches"][str(batch)] = interleave(calls, args.rounds, args.per_round, args.warmup)
     results["load_avg_end"] = list(os.getloadavg())
     return results
