@@ -96,3 +96,21 @@ def test_roofline_counts_the_issues_flops_and_each_ways_kernels():
     assert floors["fused"]["floor_ms"] < floors["folded"]["floor_ms"] < floors["eager"]["floor_ms"]
     with pytest.raises(ValueError, match="way must be one of"):
         kernels(1, "magic")
+
+
+def test_peers_torch_runs_every_side_and_writes_ratios_to_the_baseline(tmp_path):
+    # A smoke run (2 rounds of 1 call): the figures themselves come from the full run in the README.
+    out = tmp_path / "peers.json"
+    smoke = ["--rounds", "2", "--per-round", "1", "--warmup", "1", "--threads", "1", "--json", str(out)]
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.peers", "torch", *smoke],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    batch = json.loads(out.read_text())["batches"]["1"]
+    assert batch["baseline"] == "torchvision"
+    assert set(batch["ratios"]) == {"twin", "twin-fused"}
+    assert all(ms > 0 for ms in batch["median_ms"].values()) and set(batch["calls"].values()) == {2}
