@@ -95,6 +95,18 @@ def _modes_text() -> str:
     return "\n".join(lines)
 
 
+# Timing flags: (flag, TimingConfig field it overrides, type, help). None means "the default or --quick's".
+TIMING_FLAGS = (
+    ("--warmup", "min_warmup", _positive, "minimum warm-up calls"),
+    ("--max-warmup", "max_warmup", _positive, "maximum warm-up calls"),
+    ("--warmup-time", "warmup_s", float, "seconds of warm-up before giving up on stability"),
+    ("--iters", "iters", _positive, "minimum timed calls"),
+    ("--min-time", "min_time_s", float, "minimum seconds of timed calls"),
+    ("--max-time", "max_time_s", float, "stop timing after this many seconds once 5 calls are in"),
+    ("--e2e-iters", "e2e_iters", int, "host-to-host calls timed apart"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The arguments of ``benchmarks/run.py``."""
     defaults = TimingConfig()
@@ -152,51 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--worker-timeout", type=_positive, default=1800, help="seconds before a worker is killed (default: 1800)"
     )
     timing = parser.add_argument_group("timing (per runtime, mode and batch size)")
-    timing.add_argument(
-        "--warmup", type=_positive, default=None, help=f"minimum warm-up calls (default: {defaults.min_warmup})"
-    )
-    timing.add_argument(
-        "--max-warmup", type=_positive, default=None, help=f"maximum warm-up calls (default: {defaults.max_warmup})"
-    )
-    timing.add_argument(
-        "--warmup-time",
-        type=float,
-        default=None,
-        help=f"seconds of warm-up before giving up on stability (default: {defaults.warmup_s})",
-    )
-    timing.add_argument(
-        "--iters", type=_positive, default=None, help=f"minimum timed calls (default: {defaults.iters})"
-    )
-    timing.add_argument(
-        "--min-time", type=float, default=None, help=f"minimum seconds of timed calls (default: {defaults.min_time_s})"
-    )
-    timing.add_argument(
-        "--max-time",
-        type=float,
-        default=None,
-        help=f"stop timing after this many seconds once 5 calls are in (default: {defaults.max_time_s})",
-    )
-    timing.add_argument(
-        "--e2e-iters",
-        type=int,
-        default=None,
-        help=f"host-to-host calls timed apart (default: {defaults.e2e_iters})",
-    )
+    for flag, field, kind, text in TIMING_FLAGS:
+        metavar = flag.lstrip("-").replace("-", "_").upper()
+        text = f"{text} (default: {getattr(defaults, field)})"
+        timing.add_argument(flag, dest=field, metavar=metavar, type=kind, default=None, help=text)
     return parser
 
 
 def timing_config(args: argparse.Namespace) -> TimingConfig:
     """The defaults (or --quick's), overridden by explicit flags."""
     config = QUICK_TIMING if args.quick else TimingConfig()
-    overrides = {
-        "min_warmup": args.warmup,
-        "max_warmup": args.max_warmup,
-        "warmup_s": args.warmup_time,
-        "iters": args.iters,
-        "min_time_s": args.min_time,
-        "max_time_s": args.max_time,
-        "e2e_iters": args.e2e_iters,
-    }
+    overrides = {field: getattr(args, field) for _, field, _, _ in TIMING_FLAGS}
     return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
 
