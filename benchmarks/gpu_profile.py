@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # run as a file: make the project importable
 
 from benchmarks.common import GFLOP_PER_IMAGE_224, IMAGE_SIZE, NUM_CLASSES, atomic_write, median, write_json
 from benchmarks.peers import interleave
+from benchmarks.runtimes.pytorch import capture_cuda_graph
 
 VARIANTS = ("twin", "twin-fused", "twin-inductor", "torchvision-inductor", "torchvision")  # last: baseline
 
@@ -102,17 +103,8 @@ def build_models(torch, weights: str | None) -> dict:
 
 
 def captured(torch, forward: Callable, x) -> tuple[Callable[[], object], object]:
-    """(replay-and-wait, output) of ``forward(x)`` captured in a CUDA graph after a side-stream warm-up."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            forward(x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = forward(x)
-    torch.cuda.synchronize()
+    """(replay-and-wait, output) of ``forward(x)`` captured in a CUDA graph."""
+    graph, out = capture_cuda_graph(forward, x)
 
     def replay() -> object:
         graph.replay()

@@ -8,6 +8,7 @@ float32 rows on a GPU run with TF32 off (cuDNN allows it by default); TF32 is it
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,19 +141,9 @@ class TorchRunner(BaseRunner):
         """Capture a CUDA graph for this shape (cuda-graph mode); the seconds it took."""
         if not self.mode.cuda_graph:
             return None
-        torch = self.torch
         start = time.perf_counter()
-        with torch.inference_mode():
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm up on a side stream, as the CUDA graphs docs ask
-                for _ in range(3):
-                    self.model(inputs)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outputs = self.model(inputs)
-        torch.cuda.synchronize()
+        with self.torch.inference_mode():
+            graph, outputs = capture_cuda_graph(self.model, inputs)
         self.graphs[tuple(inputs.shape)] = (graph, inputs, outputs)
         return time.perf_counter() - start
 
@@ -178,6 +169,23 @@ class TorchRunner(BaseRunner):
         """Free cached GPU memory after a failure (an out-of-memory batch)."""
         if self.cuda:
             self.torch.cuda.empty_cache()
+
+
+def capture_cuda_graph(forward: Callable[[Any], Any], inputs: Any) -> tuple[Any, Any]:
+    """(graph, static output) of ``forward(inputs)``; replaying the graph recomputes it from ``inputs``."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up on a side stream, as the CUDA graphs docs ask
+        for _ in range(3):
+            forward(inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = forward(inputs)
+    torch.cuda.synchronize()
+    return graph, outputs
 
 
 def make_runner(mode: str, device: str, spec: dict) -> TorchRunner:
