@@ -50,38 +50,41 @@ def _numel(shape: Sequence[int]) -> int:
     return count
 
 
-def conv_shapes(batch: int, size: tuple[int, int] = IMAGE_SIZE) -> list[dict]:
-    """Every convolution of the twin in order: input/output/weight shapes, padded input and its role."""
+def layer_shapes(batch: int, size: tuple[int, int] = IMAGE_SIZE) -> list[dict]:
+    """The twin's convolutions, max-pool and head in order, with the shapes each reads and writes.
+
+    Hooks on a ``meta``-device forward record them; a conv's ``padded`` shape is the copy that
+    ``torch_impl.padding.padded_for_conv`` makes (None where the padding goes to the conv itself).
+    """
     import torch
 
     import torch_impl
-    from torch_impl.padding import Conv2dSame, same_padding
+    from torch_impl.padding import Conv2dSame, MaxPool2dSame, padded_for_conv
 
     model = torch_impl.ResNet34(num_classes=NUM_CLASSES, classifier_activation=None).to("meta").eval()
-    convs: list[dict] = []
+    layers: list[dict] = []
 
-    def record(module: Conv2dSame, inputs: tuple, output: torch.Tensor) -> None:
+    def record(name: str, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         (x,) = inputs
-        k, s = module.kernel_size[0], module.stride[0]
-        (top, bottom), (left, right) = same_padding(x.shape[2], k, s), same_padding(x.shape[3], k, s)
-        uneven = module.dynamic_padding and (top != bottom or left != right)
-        padded = (x.shape[0], x.shape[1], x.shape[2] + top + bottom, x.shape[3] + left + right)
-        convs.append(
-            {
-                "name": names[module],
-                "input": tuple(x.shape),
-                "padded": padded if uneven else None,
-                "output": tuple(output.shape),
-                "weight": tuple(module.weight.shape),
-            }
-        )
+        entry = {"name": name, "input": tuple(x.shape), "output": tuple(output.shape)}
+        if isinstance(module, Conv2dSame):
+            padded, _ = padded_for_conv(x, module.kernel_size[0], module.stride[0])
+            entry.update(
+                kind="conv",
+                weight=tuple(module.weight.shape),
+                padded=None if padded is x else tuple(padded.shape),
+            )
+        else:
+            entry["kind"] = "pool" if isinstance(module, MaxPool2dSame) else "head"
+            entry["window"] = module.kernel_size**2 if entry["kind"] == "pool" else 1
+        layers.append(entry)
 
-    names = {module: name for name, module in model.named_modules() if isinstance(module, Conv2dSame)}
-    for module in names:
-        module.register_forward_hook(record)
+    for name, module in model.named_modules():
+        if isinstance(module, Conv2dSame | MaxPool2dSame) or name == "avg_pool":
+            module.register_forward_hook(lambda m, i, o, name=name: record(name, m, i, o))
     with torch.no_grad():
         model(torch.empty(batch, 3, *size, device="meta"))
-    return convs
+    return layers
 
 
 def kernels(batch: int, way: str, element_bytes: int = 2, size: tuple[int, int] = IMAGE_SIZE) -> list[Kernel]:
@@ -90,15 +93,24 @@ def kernels(batch: int, way: str, element_bytes: int = 2, size: tuple[int, int] 
         raise ValueError(f"way must be one of {WAYS}. Received: {way!r}")
     b = element_bytes
     out: list[Kernel] = []
-    for conv in conv_shapes(batch, size):
-        name, x, y, w = conv["name"], conv["input"], conv["output"], conv["weight"]
+    for layer in layer_shapes(batch, size):
+        name, x, y = layer["name"], layer["input"], layer["output"]
+        if layer["kind"] == "pool":
+            out.append(Kernel(name, layer["window"] * _numel(y), (_numel(x) + _numel(y)) * b))
+            continue
+        if layer["kind"] == "head":  # global average pool and the Dense head: read x, write the logits
+            channels = y[1]
+            flops = _numel(x) + 2.0 * batch * channels * NUM_CLASSES
+            out.append(Kernel("avg_pool + classifier", flops, (_numel(x) + (channels + batch) * NUM_CLASSES) * b))
+            continue
+        w = layer["weight"]
         flops = 2.0 * _numel(y) * _numel(w[1:])
         residual = name.endswith("main_layers.3")  # the second conv of a unit: + skip, then ReLU
         relu = name == "stem_conv" or name.endswith("main_layers.0") or residual
         # Pads ride in the producer's element-wise kernel when folded; the stem's input has no producer.
-        if conv["padded"] is not None and (way != "folded" or name == "stem_conv"):
-            out.append(Kernel(f"{name} pad", 0.0, (_numel(x) + _numel(conv["padded"])) * b))
-        conv_in = _numel(conv["padded"] or x)
+        if layer["padded"] is not None and (way != "folded" or name == "stem_conv"):
+            out.append(Kernel(f"{name} pad", 0.0, (_numel(x) + _numel(layer["padded"])) * b))
+        conv_in = _numel(layer["padded"] or x)
         fused_residual = way == "fused" and residual
         out.append(Kernel(name, flops, (conv_in + _numel(w) + _numel(y) * (2 if fused_residual else 1)) * b))
         if way == "eager":
@@ -110,15 +122,6 @@ def kernels(batch: int, way: str, element_bytes: int = 2, size: tuple[int, int] 
         elif way == "folded" and relu:
             label, tensors = (f"{name} add+relu", 3) if residual else (f"{name} relu", 2)
             out.append(Kernel(label, 2.0 * _numel(y), tensors * _numel(y) * b))
-        if name == "stem_conv":
-            pooled = (y[0], y[1], -(-y[2] // 2), -(-y[3] // 2))
-            out.append(Kernel("stem_pool", 9.0 * _numel(pooled), (_numel(y) + _numel(pooled)) * b))
-    # Global average pool and the Dense head: read the last activation, write the logits.
-    channels = y[1]
-    head_flops = _numel(y) + 2.0 * batch * channels * NUM_CLASSES
-    out.append(
-        Kernel("avg_pool + classifier", head_flops, (_numel(y) + channels * NUM_CLASSES + batch * NUM_CLASSES) * b)
-    )
     return out
 
 
