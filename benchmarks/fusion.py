@@ -12,12 +12,14 @@ every row of this model against the Keras float32 reference, like every other ro
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from torch_impl import ResidualUnit, ResNet34
-from torch_impl.padding import Conv2dSame, max_pool_same, padded_for_conv
+from torch_impl.padding import Conv2dSame, padded_for_conv
 
 
 def fold_batch_norm(conv: Conv2dSame, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,13 +90,12 @@ class FusedResNet34(nn.Module):
                 f"Received: classifier_activation={model.classifier_activation!r}"
             )
         self.stem = FusedConv(model.stem_conv, model.stem_bn, relu=True)
-        self.units = nn.Sequential(*(FusedResidualUnit(model.get_submodule(f"unit_{i}")) for i in range(16)))
-        head = model.classifier
-        self.classifier = nn.Linear(head.in_features, head.out_features, dtype=head.weight.dtype)
-        self.classifier.load_state_dict({"weight": head.weight, "bias": head.bias})  # in its own dtype
+        self.stem_pool = model.stem_pool  # the max-pool and the global average pool hold no weights
+        self.units = nn.Sequential(*(FusedResidualUnit(unit) for unit in model if isinstance(unit, ResidualUnit)))
+        self.avg_pool = model.avg_pool
+        self.classifier = copy.deepcopy(model.classifier)  # its own copy, in its own dtype
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = max_pool_same(self.stem(x), 3, 2)
-        x = self.units(x)
-        return self.classifier(x.mean(dim=(2, 3)))
+        x = self.units(self.stem_pool(self.stem(x)))
+        return self.classifier(self.avg_pool(x))
