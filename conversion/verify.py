@@ -357,34 +357,63 @@ def _model_dtype(keras_model: keras.Model) -> str:
 
 
 def training_check(keras_model: keras.Model, torch_model: nn.Module, images: np.ndarray, tolerance: float) -> dict:
-    """One training-mode forward in each: are the BatchNorm moving means updated the same way?
+    """One training-mode forward in each: are the BatchNorm moving statistics updated the same way?
 
-    Only the means are compared: torch updates the running variance with the unbiased batch variance and
-    Keras with the biased one (PITFALLS.md), a documented difference of a factor n / (n - 1).
+    Both the means and the variances are compared: the twin's BatchNorm stores the biased batch variance, as
+    Keras does (torch's own ``nn.BatchNorm2d`` stores the unbiased one, which is diagnosed by name).
     Neither model is changed: Keras's statistics are restored and torch runs on a copy.
     """
     pairs = _bn_pairs(keras_model, torch_model)
-    old_means = [keras.ops.convert_to_numpy(k.moving_mean) for _, k, _ in pairs]
+    old = [
+        (keras.ops.convert_to_numpy(k.moving_mean), keras.ops.convert_to_numpy(k.moving_variance)) for _, k, _ in pairs
+    ]
     with restored_batchnorm_statistics(keras_model):
         keras_model(images, training=True)
-        keras_means = [keras.ops.convert_to_numpy(k.moving_mean) for _, k, _ in pairs]
+        new = [
+            (keras.ops.convert_to_numpy(k.moving_mean), keras.ops.convert_to_numpy(k.moving_variance))
+            for _, k, _ in pairs
+        ]
     twin = copy.deepcopy(torch_model).train()
+    twin_bns = {path: module for path, _, module in _bn_pairs(keras_model, twin)}
+    values_per_channel: dict[str, int] = {}  # n of each BatchNorm's batch statistics, for Bessel's factor
+    hooks = [
+        module.register_forward_pre_hook(
+            lambda _, args, path=path: values_per_channel.__setitem__(path, args[0].numel() // args[0].shape[1])
+        )
+        for path, module in twin_bns.items()
+    ]
     with torch.no_grad():
         twin(torch.from_numpy(nhwc_to_nchw(images)))
-    twin_bns = {path: module for path, _, module in _bn_pairs(keras_model, twin)}
-    for (path, k_layer, _), old_mean, new_mean in zip(pairs, old_means, keras_means, strict=True):
-        got = twin_bns[path].running_mean.numpy()
-        err = max_rel_err(got, new_mean)
+    for hook in hooks:
+        hook.remove()
+    worst = 0.0
+    for (path, k_layer, _), (old_mean, old_var), (new_mean, new_var) in zip(pairs, old, new, strict=True):
+        got_mean, got_var = twin_bns[path].running_mean.numpy(), twin_bns[path].running_var.numpy()
+        k = k_layer.momentum
+        err = max(max_rel_err(got_mean, new_mean), max_rel_err(got_var, new_var))
+        worst = max(worst, err)
         if err > tolerance:
-            batch_mean = (new_mean - k_layer.momentum * old_mean) / (1 - k_layer.momentum)
-            inverted = k_layer.momentum * batch_mean + (1 - k_layer.momentum) * old_mean
-            cause = (
-                "BatchNorm momentum convention inverted (torch momentum must be 1 - Keras momentum)"
-                if _matches(got, inverted, tolerance)
-                else "moving statistics updated differently"
+            batch_mean = (new_mean - k * old_mean) / (1 - k)
+            batch_var = (new_var - k * old_var) / (1 - k)
+            n = values_per_channel[path]
+            causes = {
+                "BatchNorm momentum convention inverted (torch momentum must be 1 - Keras momentum)": (
+                    k * batch_mean + (1 - k) * old_mean,
+                    k * batch_var + (1 - k) * old_var,
+                ),
+                "running variance updated with the unbiased batch variance (torch's nn.BatchNorm2d); Keras stores "
+                "the biased one": (new_mean, k * old_var + (1 - k) * batch_var * n / max(n - 1, 1)),
+            }
+            cause = next(
+                (
+                    c
+                    for c, (m, v) in causes.items()
+                    if _matches(got_mean, m, tolerance) and _matches(got_var, v, tolerance)
+                ),
+                "moving statistics updated differently",
             )
             return {"ok": False, "skipped": None, "first_divergent_layer": path, "max_rel": err, "cause": cause}
-    return {"ok": True, "skipped": None, "first_divergent_layer": None, "max_rel": 0.0, "cause": None}
+    return {"ok": True, "skipped": None, "first_divergent_layer": None, "max_rel": worst, "cause": None}
 
 
 # --- the report -------------------------------------------------------------------------------------

@@ -204,6 +204,22 @@ def _plan(keras_obj: KerasObject, torch_obj: TorchObject) -> list[_TensorPair]:
     return pairs
 
 
+@dataclass(frozen=True)
+class TensorPair:
+    """One Keras variable and its torch twin, with the layout change between them."""
+
+    path: str  # the torch state_dict name
+    keras_variable: keras.Variable
+    torch_tensor: torch.Tensor
+    to_torch: Callable[[np.ndarray], np.ndarray]
+    to_keras: Callable[[np.ndarray], np.ndarray]
+
+
+def paired_tensors(keras_obj: KerasObject, torch_obj: TorchObject) -> list[TensorPair]:
+    """Every (Keras variable, torch tensor) pair of two twins, audited; the torch tensors are the live ones."""
+    return [TensorPair(p.path, p.keras_variable, p.torch_tensor, *p.layout) for p in _plan(keras_obj, torch_obj)]
+
+
 def check_same_architecture(keras_obj: KerasObject, torch_obj: TorchObject) -> None:
     """Raise ConversionError unless the two have the same layers and tensor shapes (nothing is copied)."""
     _plan(keras_obj, torch_obj)

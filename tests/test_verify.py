@@ -71,34 +71,45 @@ def test_verify_with_only_a_torch_file_converts_it_to_keras(capsys, twin_files):
 
 
 def test_training_mode_updates_moving_statistics_like_keras(twins_f32):
-    """One training-mode forward in each framework: the moving means match to float32 rounding, and the
-    moving variances differ ONLY by Bessel's correction (torch stores the unbiased batch variance, Keras
-    the biased one): torch_new - k * old == (keras_new - k * old) * n / (n - 1), n = N * H * W."""
+    """One training-mode forward in each framework: the twin's moving means AND variances match Keras's
+    (biased variance, ``moving * m + batch * (1 - m)``) to float32 rounding, while torch's own
+    ``nn.BatchNorm2d`` differs by Bessel's correction n / (n - 1), n = N * H * W, and is named."""
     keras_model, torch_model = twins_f32
     images = seeded_images(2, 64, 64, seed=3)
     report = verify_models(keras_model, torch_model, images)
-    assert report["training_check"]["ok"]
+    assert report["training_check"]["ok"], report["training_check"]
+    assert report["training_check"]["max_rel"] <= 1e-5
 
-    # (layer, n = N * H * W values per channel for a 64x64 batch of 2): 32x32 maps at the stem, 2x2 at the end.
-    checks = [("stem_bn", 2 * 32 * 32), ("unit_15", 2 * 2 * 2)]
-    keras_bns = [keras_model.get_layer("stem_bn"), keras_model.get_layer("unit_15").main_layers[4]]
-    saved = [(np.array(bn.moving_mean), np.array(bn.moving_variance)) for bn in keras_bns]
+    keras_bn = keras_model.get_layer("unit_15").main_layers[4]
+    old_var = np.array(keras_bn.moving_variance)
     with restored_batchnorm_statistics(keras_model):  # the session's shared model must stay as it was
         keras_model(images, training=True)
-        updated = [(np.array(bn.moving_mean), np.array(bn.moving_variance)) for bn in keras_bns]
+        keras_mean, keras_var = np.array(keras_bn.moving_mean), np.array(keras_bn.moving_variance)
     twin = copy.deepcopy(torch_model).train()
     with torch.no_grad():
         twin(torch.from_numpy(nhwc_to_nchw(images)))
-    torch_bns = [twin.stem_bn, twin.unit_15.main_layers[4]]
-    for (name, n), bn, (_, old_var), (keras_mean, keras_var), torch_bn in zip(
-        checks, keras_bns, saved, updated, torch_bns, strict=True
-    ):
-        k = bn.momentum
-        assert max_rel_err(torch_bn.running_mean.numpy(), keras_mean) <= 1e-5, name
-        expected_var = k * old_var + (keras_var - k * old_var) * n / (n - 1)
-        assert max_rel_err(torch_bn.running_var.numpy(), expected_var) <= 1e-5, name
-    # With n = 8 the unbiased update is visibly different: the correction above is doing real work.
-    assert max_rel_err(torch_bns[1].running_var.numpy(), updated[1][1]) > 1e-4
+    assert max_rel_err(twin.unit_15.main_layers[4].running_mean.numpy(), keras_mean) <= 1e-5
+    assert max_rel_err(twin.unit_15.main_layers[4].running_var.numpy(), keras_var) <= 1e-5
+
+    # torch's own BatchNorm2d in its place: the variance is off by Bessel's factor (n = 2 * 2 * 2 = 8 at
+    # unit 15 for 64x64 images), and the check names the cause.
+    plain = copy.deepcopy(torch_model)
+    for bn_parent, index in [(plain.unit_15.main_layers, 4)]:
+        old = bn_parent[index]
+        swapped = torch.nn.BatchNorm2d(old.num_features, eps=old.eps, momentum=old.momentum)
+        swapped.load_state_dict(old.state_dict())
+        bn_parent[index] = swapped.eval()
+    failing = verify_models(keras_model, plain, images)  # trains a copy; `plain` keeps its statistics
+    assert not failing["agree"]
+    assert failing["training_check"]["first_divergent_layer"] == "unit_15.main_layers.4"
+    assert "unbiased" in failing["training_check"]["cause"]
+    plain.train()
+    with torch.no_grad():
+        plain(torch.from_numpy(nhwc_to_nchw(images)))
+    n, k = 8, keras_bn.momentum
+    expected = k * old_var + (keras_var - k * old_var) * n / (n - 1)
+    assert max_rel_err(plain.unit_15.main_layers[4].running_var.numpy(), expected) <= 1e-5
+    assert max_rel_err(plain.unit_15.main_layers[4].running_var.numpy(), keras_var) > 1e-4
 
 
 def test_files_round_trip_through_verify_loaders(twin_files, twins_f32):

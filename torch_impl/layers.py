@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Keras BatchNormalization defaults. torch's own are eps=1e-5 and momentum=0.1, and its momentum is
@@ -37,9 +38,41 @@ def activation(name: str | None) -> nn.Module:
     return module
 
 
-def batch_norm(num_features: int) -> nn.BatchNorm2d:
-    """``nn.BatchNorm2d`` with Keras's epsilon and momentum."""
-    return nn.BatchNorm2d(num_features, eps=KERAS_BN_EPSILON, momentum=1.0 - KERAS_BN_MOMENTUM)
+class KerasBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that trains like keras ``BatchNormalization``.
+
+    In ``train()`` mode it normalises with the batch statistics (as torch does) and updates the moving
+    statistics with Keras's formula, ``moving = moving * momentum + batch * (1 - momentum)``, storing the
+    BIASED batch variance; torch's own module stores the unbiased one (a factor n / (n - 1)). Evaluation
+    is torch's. ``momentum`` stays torch's attribute (1 - keras momentum, the weight of the new batch).
+    """
+
+    def __init__(self, num_features: int, eps: float = KERAS_BN_EPSILON, keras_momentum: float = KERAS_BN_MOMENTUM):
+        super().__init__(num_features, eps=eps, momentum=1.0 - keras_momentum)
+
+    @property
+    def keras_momentum(self) -> float:
+        """Keras's momentum (the weight of the old statistic); 1 - (1 - m) == m for Keras's usual values."""
+        return 1.0 - self.momentum
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        if x.shape[0] * x.shape[2] * x.shape[3] < 2:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+        with torch.no_grad():
+            mean = x.mean(dim=(0, 2, 3))
+            variance = x.var(dim=(0, 2, 3), unbiased=False)
+            m = self.keras_momentum
+            self.running_mean.copy_(self.running_mean * m + mean * (1.0 - m))
+            self.running_var.copy_(self.running_var * m + variance * (1.0 - m))
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+
+def batch_norm(num_features: int) -> KerasBatchNorm2d:
+    """BatchNorm with Keras's epsilon, momentum and training-mode update."""
+    return KerasBatchNorm2d(num_features)
 
 
 class GlobalAvgPool2d(nn.Module):
