@@ -47,8 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the same images through every implementation given (or, with none, through seeded "
         "twins with hostile weights) and report the error at every stage. Exit 0 when all agree, 1 when not.",
     )
-    verify.add_argument("--keras", metavar="A.keras", help="Keras model (.keras or .weights.h5)")
-    verify.add_argument("--torch", metavar="B.pt", help="torch ResNet34 state_dict (.pt or .safetensors)")
+    verify.add_argument(
+        "--keras", metavar="A.keras", help="Keras ResNet-34 (.keras, .h5 or .weights.h5; ours or the book's own code)"
+    )
+    verify.add_argument(
+        "--torch",
+        metavar="B.pt",
+        help="torch ResNet-34 state_dict (.pt, .pth or .safetensors; the twin's keys or torchvision's / timm's)",
+    )
     verify.add_argument(
         "--onnx", metavar="C.onnx", help="ONNX export (NHWC or NCHW input; the final output is compared)"
     )
@@ -72,16 +78,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser(
         "convert",
-        help="convert weights between .keras/.weights.h5 and .pt/.safetensors",
-        description="Convert weights by extension; the destination is written atomically.",
+        help="convert a ResNet-34 between Keras and torch files (the book's own, torchvision's, timm's too)",
+        description="Convert by extension: .keras, .h5, .weights.h5 <-> .pt, .pth, .safetensors (or within "
+        "a framework). The source's convention is kept unless --convention changes it. The destination is "
+        "written atomically.",
     )
-    convert.add_argument("src", help="source file (.keras, .weights.h5, .pt, .safetensors)")
-    convert.add_argument("dst", help="destination file (.keras, .weights.h5, .pt, .safetensors)")
+    convert.add_argument("src", help="source file (.keras, .h5, .weights.h5, .pt, .pth, .safetensors)")
+    convert.add_argument("dst", help="destination file (.keras, .h5, .weights.h5, .pt, .pth, .safetensors)")
     _add_size(
         convert,
         "--input-size",
-        (224, 224),
-        "input height and width of a .keras destination built from torch (default: 224 224)",
+        None,
+        "input height and width of a Keras destination (default: the source Keras model's; any size from torch); "
+        "also the size of the images that measure a --convention change (default there: 224 224)",
+    )
+    convert.add_argument(
+        "--convention",
+        choices=("book", "torchvision"),
+        default=None,
+        help="compute in this convention instead of the source's (default: keep it). book: TF 'same' padding, "
+        "BatchNorm epsilon 1e-3; torchvision: symmetric padding, epsilon 1e-5. The weights are copied unchanged, "
+        "so the network computes another function: the command prints by how much",
     )
     convert.add_argument(
         "--classifier-activation",
@@ -92,10 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export-onnx",
-        help="export a .keras ResNet-34 to ONNX through tf2onnx",
-        description="Export a .keras ResNet-34 to ONNX (dynamic batch), written atomically.",
+        help="export a ResNet-34 to ONNX through tf2onnx (its Keras form)",
+        description="Export a ResNet-34 to ONNX (dynamic batch), written atomically. A torch file is converted to "
+        "its Keras twin first; a torchvision-convention model keeps its symmetric padding.",
     )
-    export.add_argument("model", metavar="MODEL.keras", help="the Keras model")
+    export.add_argument("model", metavar="MODEL", help="the model: .keras, .h5, .weights.h5, .pt, .pth or .safetensors")
     export.add_argument("out", metavar="OUT.onnx", help="the ONNX file to write")
     export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: tf2onnx's default)")
     export.add_argument("--nchw", action="store_true", help="take NCHW input like the torch twin (default: NHWC)")
@@ -121,21 +139,33 @@ def _run(args: argparse.Namespace) -> int:
         from conversion.files import convert_file
 
         with status(f"converting {args.src} -> {args.dst}...", spinner="dots"):
-            written = convert_file(
-                args.src, args.dst, input_size=tuple(args.input_size), classifier_activation=args.classifier_activation
+            written, change = convert_file(
+                args.src,
+                args.dst,
+                input_size=tuple(args.input_size) if args.input_size else None,
+                classifier_activation=args.classifier_activation,
+                convention=args.convention,
             )
         print(f"wrote {written}")
+        if change:
+            before, after = change["convention"]
+            print(
+                f"convention {before} -> {after}: the weights are unchanged but the function is not; on "
+                f"{change['images']}: logits max rel err {change['logits_max_rel_err']:.3g}, top-1 agreement "
+                f"{change['top1_agreement']:.0%}"
+            )
         return EXIT_OK
     if args.command == "export-onnx":
-        from conversion.errors import ExportError
-        from conversion.files import load_keras
+        from conversion.files import load_model
         from conversion.onnx_export import export_onnx
+        from conversion.weights import torch_to_keras
 
-        if not args.model.endswith(".keras"):
-            raise ExportError(f"{args.model}: expected a .keras model")
         with status(f"exporting {args.model} through tf2onnx (~25 s)...", spinner="dots"):
             size = tuple(args.size) if args.size else None
-            written = export_onnx(load_keras(args.model), args.out, opset=args.opset, nchw=args.nchw, size=size)
+            model = load_model(args.model)
+            if not hasattr(model, "input_shape"):  # a torch file: its Keras twin, same convention
+                model = torch_to_keras(model, (None, None, model.in_channels))
+            written = export_onnx(model, args.out, opset=args.opset, nchw=args.nchw, size=size)
         print(f"wrote {written}")
         return EXIT_OK
     raise AssertionError(args.command)

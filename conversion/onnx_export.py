@@ -121,21 +121,18 @@ def _finish(proto: Any, metadata: dict[str, str], tmp: Path) -> None:
     onnx.save_model(proto, str(tmp))
 
 
-def _check_keras_resnet34(model: Any) -> None:
+def _check_keras_resnet34(model: Any):
     import keras
 
-    names = [layer.name for layer in getattr(model, "layers", [])]
-    units = sum(name.startswith("unit_") for name in names)
-    if (
-        not isinstance(model, keras.Model)
-        or names[:1] != ["stem_conv"]
-        or names[-1:] != ["classifier"]
-        or units != UNIT_COUNT
-    ):
-        raise ExportError(
-            f"expected a Keras ResNet-34 from keras_impl.build_resnet34. "
-            f"Received: {type(model).__name__} with layers {names[:3]}... ({units} residual units)"
-        )
+    from conversion.errors import ConversionError
+    from conversion.weights import read_keras
+
+    if not isinstance(model, keras.Model):
+        raise ExportError(f"expected a Keras ResNet-34 model. Received: {type(model).__name__}")
+    try:
+        resnet = read_keras(model)
+    except ConversionError as error:
+        raise ExportError(str(error)) from None
     if keras.backend.backend() != "tensorflow":
         raise ExportError(
             f"the tf2onnx export needs Keras's TensorFlow backend; the backend is {keras.backend.backend()}"
@@ -144,6 +141,7 @@ def _check_keras_resnet34(model: Any) -> None:
     if dtypes != {"float32"}:
         # ONNX Runtime's CPU Conv is float32-only (no double kernel), and mixed policies compute in 16 bits.
         raise ExportError(f"expected a float32 model; received weights/compute dtypes {sorted(dtypes)}")
+    return resnet
 
 
 def export_onnx(
@@ -164,7 +162,7 @@ def export_onnx(
         size: (height, width) for a model built with ``None`` height/width; must match a fixed one.
     """
     path = _check_path(path)
-    _check_keras_resnet34(keras_model)
+    resnet = _check_keras_resnet34(keras_model)
     _, *model_hw, channels = keras_model.input_shape
     height, width = _input_size(tuple(model_hw), size)
     opset = _check_opset(opset, KERAS_OPSETS, "Keras (tf2onnx)")
@@ -177,8 +175,7 @@ def export_onnx(
 
     from conversion.files import atomic_output
 
-    classifier = keras_model.get_layer("classifier")
-    name = output_name(keras.activations.serialize(classifier.activation))
+    name = output_name(resnet.head_activation)
     spec = tf.TensorSpec([None, height, width, channels], tf.float32, name="images")
 
     @tf.function(input_signature=[spec], autograph=False)
@@ -188,7 +185,8 @@ def export_onnx(
     layout = "NCHW" if nchw else "NHWC"
     shape = (channels, height, width) if nchw else (height, width, channels)
     metadata = {
-        "architecture": "ResNet-34 (keras_impl.build_resnet34)",
+        "architecture": "ResNet-34",
+        "convention": resnet.convention,
         "source_framework": "keras",
         "keras_version": keras.__version__,
         "tensorflow_version": tf.__version__,

@@ -353,7 +353,7 @@ def restored_batchnorm_statistics(keras_model: keras.Model) -> Iterator[None]:
 
 
 def _model_dtype(keras_model: keras.Model) -> str:
-    return keras.backend.standardize_dtype(keras_model.get_layer("stem_conv").kernel.dtype)
+    return keras.backend.standardize_dtype(keras_model.weights[0].dtype)
 
 
 def training_check(keras_model: keras.Model, torch_model: nn.Module, images: np.ndarray, tolerance: float) -> dict:
@@ -509,25 +509,40 @@ def verify_models(
 # --- the command --------------------------------------------------------------------------------------
 
 
-def _load_pair(args: argparse.Namespace) -> tuple[keras.Model, nn.Module | None]:
-    """The Keras reference and the torch twin: from files, converted from one file, or seeded."""
+def canonical_keras(model: keras.Model) -> keras.Model:
+    """``model`` rebuilt by ``keras_impl.build_resnet34`` (its layer names, the model's convention, input shape,
+    head and dtype) with its weights copied bit for bit: any Keras ResNet-34, the book's own included."""
+    twin = keras_to_torch(model)
+    return torch_to_keras(twin, tuple(model.input_shape[1:]))
+
+
+def _load_pair(args: argparse.Namespace) -> tuple[keras.Model, nn.Module | None, keras.Model | None]:
+    """The Keras reference, the torch twin, and the user's own Keras model where it is not the reference."""
     if args.keras:
-        keras_model = load_keras(args.keras, args.classifier_activation)
+        source = load_keras(args.keras, args.classifier_activation)
+        keras_model = canonical_keras(source)
         if not args.torch:
-            return keras_model, keras_to_torch(keras_model)
+            return keras_model, keras_to_torch(keras_model), source
         # A .pt does not record its head's activation: the Keras model's is the right default.
         head = keras.activations.serialize(keras_model.get_layer("classifier").activation)
         torch_model = load_torch(args.torch, head)
-        check_same_architecture(keras_model, torch_model)  # one-line error naming the layer and both shapes
-        return keras_model, torch_model
+        check_same_architecture(keras_model, torch_model)  # one-line error naming the layer and both values
+        return keras_model, torch_model, source
     if args.torch:
         torch_model = load_torch(args.torch, args.classifier_activation)
-        return torch_to_keras(torch_model, (None, None, torch_model.in_channels)), torch_model
+        return torch_to_keras(torch_model, (None, None, torch_model.in_channels)), torch_model, None
     if args.onnx:
         raise InputError("--onnx needs --keras or --torch: the weights the ONNX file was exported from")
     keras_model = keras_impl.build_resnet34(10, (None, None, 3), args.classifier_activation, args.dtype)
     randomize_weights(keras_model, args.seed)
-    return keras_model, keras_to_torch(keras_model)
+    return keras_model, keras_to_torch(keras_model), None
+
+
+def source_check(source: keras.Model, reference: keras.Model, images: np.ndarray) -> dict:
+    """The user's own Keras model (its own forward, its own code) against the rebuilt reference."""
+    tolerance = TOLERANCE.get(_model_dtype(reference), TOLERANCE["float32"])
+    err = max_rel_err(keras.ops.convert_to_numpy(source(images)), keras.ops.convert_to_numpy(reference(images)))
+    return {"max_rel": err, "tolerance": tolerance, "ok": err <= tolerance}
 
 
 def _images(args: argparse.Namespace, keras_model: keras.Model) -> np.ndarray:
@@ -566,13 +581,17 @@ def _print_table(report: dict) -> None:
                     who,
                     f"{c['max_abs']:.2e}",
                     f"{c['max_rel']:.2e}",
-                    f"{c['cosine']:.8f}",
+                    f"{1 - c['cosine']:.2e}",
                     f"{c['tolerance_to_pass']:.1e}",
                     local,
                     "ok" if c["ok"] else "[red]DIVERGES[/red]",
                 )
     console = Console()
     console.print(table)
+    source = report.get("source_check")
+    if source:
+        verdict = "ok" if source["ok"] else "[red]differs[/red]"
+        console.print(f"the file's own model against its rebuilt twin: max rel err {source['max_rel']:.2e} ({verdict})")
     training = report["training_check"]
     if training:
         console.print(
@@ -606,9 +625,12 @@ def run_verify_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     with Console(stderr=True).status("building and comparing the models...", spinner="dots"):
-        keras_model, torch_model = _load_pair(args)
+        keras_model, torch_model, source = _load_pair(args)
         images = _images(args, keras_model)
         report = verify_models(keras_model, torch_model, images, onnx_path=args.onnx)
+        if source is not None:
+            report["source_check"] = source_check(source, keras_model, images)
+            report["agree"] = report["agree"] and report["source_check"]["ok"]
     if args.json:
         json.dump(report, sys.stdout, indent=2, allow_nan=True)
         print()

@@ -17,7 +17,8 @@ def _load_triton_before_tensorflow() -> None:
 
 _load_triton_before_tensorflow()
 
+from keras_impl.padding import CONVENTIONS  # noqa: E402
 from keras_impl.residual_unit import ResidualUnit  # noqa: E402
 from keras_impl.resnet34 import STAGES, build_resnet34  # noqa: E402
 
-__all__ = ["STAGES", "ResidualUnit", "build_resnet34"]
+__all__ = ["CONVENTIONS", "STAGES", "ResidualUnit", "build_resnet34"]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import keras
 
-# The book's default convolution: 3x3, stride 1, TF "same" padding, He init, no bias (BN follows).
-DefaultConv2D = partial(
-    keras.layers.Conv2D, kernel_size=3, strides=1, padding="same", kernel_initializer="he_normal", use_bias=False
-)
+from keras_impl.layers import batch_norm
+from keras_impl.padding import check_convention, conv2d
+
+# The book's code takes Keras's default kernel initialiser; its DefaultConv2D variant used He normal.
+KERNEL_INITIALIZERS = ("glorot_uniform", "he_normal")
 
 
 @keras.saving.register_keras_serializable(package="resnet34_parity")
@@ -20,32 +19,49 @@ class ResidualUnit(keras.layers.Layer):
         filters: channels of the output.
         strides: stride of the first 3x3 conv and of the projection.
         activation: a Keras activation name, applied inside the main path and after the sum.
+        convention: "book" (TF "same" padding, BatchNorm epsilon 1e-3, momentum 0.99) or "torchvision"
+            (symmetric padding, epsilon 1e-5, momentum 0.9).
+        kernel_initializer: "glorot_uniform" (Keras's default, the book's) or "he_normal".
         **kwargs: passed to ``keras.layers.Layer`` (``name``, ``dtype``, ...).
     """
 
-    def __init__(self, filters: int, strides: int = 1, activation: str = "relu", **kwargs) -> None:
+    def __init__(
+        self,
+        filters: int,
+        strides: int = 1,
+        activation: str = "relu",
+        convention: str = "book",
+        kernel_initializer: str = "glorot_uniform",
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         for name, value in (("filters", filters), ("strides", strides)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ResidualUnit needs a positive integer {name}. Received: {name}={value!r}")
+        if kernel_initializer not in KERNEL_INITIALIZERS:
+            raise ValueError(
+                f"ResidualUnit supports kernel_initializer in {KERNEL_INITIALIZERS}. "
+                f"Received: kernel_initializer={kernel_initializer!r}"
+            )
         self.filters = filters
         self.strides = strides
         self.activation_name = activation
         self.activation = keras.activations.get(activation)
-        dtype = self.dtype_policy  # sublayers do not inherit it by themselves
+        self.convention = check_convention(convention)
+        self.kernel_initializer = kernel_initializer
+        # Sublayers do not inherit the dtype policy by themselves.
+        common = {"dtype": self.dtype_policy, "convention": convention}
+        conv = {**common, "kernel_initializer": kernel_initializer}
         self.main_layers = [
-            DefaultConv2D(filters, strides=strides, dtype=dtype),
-            keras.layers.BatchNormalization(dtype=dtype),
-            keras.layers.Activation(activation, dtype=dtype),
-            DefaultConv2D(filters, dtype=dtype),
-            keras.layers.BatchNormalization(dtype=dtype),
+            conv2d(filters, 3, strides, **conv),
+            batch_norm(**common),
+            keras.layers.Activation(activation, dtype=self.dtype_policy),
+            conv2d(filters, 3, **conv),
+            batch_norm(**common),
         ]
         self.skip_layers = []
         if strides > 1:
-            self.skip_layers = [
-                DefaultConv2D(filters, kernel_size=1, strides=strides, dtype=dtype),
-                keras.layers.BatchNormalization(dtype=dtype),
-            ]
+            self.skip_layers = [conv2d(filters, 1, strides, **conv), batch_norm(**common)]
 
     def build(self, input_shape: tuple) -> None:
         # Built explicitly so a reloaded .keras file has every variable before its weights arrive.
@@ -78,5 +94,11 @@ class ResidualUnit(keras.layers.Layer):
 
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update(filters=self.filters, strides=self.strides, activation=self.activation_name)
+        config.update(
+            filters=self.filters,
+            strides=self.strides,
+            activation=self.activation_name,
+            convention=self.convention,
+            kernel_initializer=self.kernel_initializer,
+        )
         return config

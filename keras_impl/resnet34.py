@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import keras
 
-from keras_impl.residual_unit import DefaultConv2D, ResidualUnit
+from keras_impl.layers import batch_norm
+from keras_impl.padding import check_convention, conv2d, max_pool2d
+from keras_impl.residual_unit import ResidualUnit
 
 # (filters, units) per stage: 3/4/6/3 units of 64/128/256/512 filters.
 STAGES = ((64, 3), (128, 4), (256, 6), (512, 3))
@@ -21,6 +23,8 @@ def build_resnet34(
     dtype: str | None = None,
     *,
     activation: str = "relu",
+    convention: str = "book",
+    kernel_initializer: str = "glorot_uniform",
 ) -> keras.Model:
     """The book's ResNet-34: 21,306,826 parameters for 10 classes at 224x224x3.
 
@@ -30,6 +34,10 @@ def build_resnet34(
         classifier_activation: activation of the head; None gives logits.
         dtype: a Keras dtype or dtype policy ("float64", "mixed_bfloat16"); None takes Keras's floatx.
         activation: activation used everywhere else (the book uses "relu").
+        convention: "book" (TF "same" padding, BatchNorm epsilon 1e-3 and momentum 0.99: what the book's code
+            computes) or "torchvision" (symmetric padding, epsilon 1e-5, momentum 0.9: what torchvision and timm
+            compute, so their checkpoints keep their logits).
+        kernel_initializer: "glorot_uniform" (Keras's default, as in the book's code) or "he_normal".
     """
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"build_resnet34 needs a positive integer num_classes. Received: num_classes={num_classes!r}")
@@ -38,19 +46,31 @@ def build_resnet34(
             f"build_resnet34 needs input_shape=(height, width, channels) with channels known. "
             f"Received: input_shape={input_shape!r}"
         )
+    check_convention(convention)
     policy = keras.dtype_policies.get(dtype or keras.config.floatx())
+    common = {"dtype": policy, "convention": convention}
     layers = [
         keras.Input(shape=tuple(input_shape), dtype=policy.variable_dtype, name="images"),
-        DefaultConv2D(64, kernel_size=7, strides=2, name="stem_conv", dtype=policy),
-        keras.layers.BatchNormalization(name="stem_bn", dtype=policy),
+        conv2d(64, 7, 2, name="stem_conv", kernel_initializer=kernel_initializer, **common),
+        batch_norm(name="stem_bn", **common),
         keras.layers.Activation(activation, name="stem_activation", dtype=policy),
-        keras.layers.MaxPool2D(pool_size=3, strides=2, padding="same", name="stem_pool", dtype=policy),
+        max_pool2d(3, 2, name="stem_pool", **common),
     ]
     prev_filters = 64
     unit_filters = [filters for filters, units in STAGES for _ in range(units)]
     for index, filters in enumerate(unit_filters):
         strides = 1 if filters == prev_filters else 2
-        layers.append(ResidualUnit(filters, strides=strides, activation=activation, name=f"unit_{index}", dtype=policy))
+        layers.append(
+            ResidualUnit(
+                filters,
+                strides,
+                activation,
+                convention,
+                kernel_initializer,
+                name=f"unit_{index}",
+                dtype=policy,
+            )
+        )
         prev_filters = filters
     layers += [
         keras.layers.GlobalAvgPool2D(name="avg_pool", dtype=policy),

@@ -5,6 +5,9 @@ from __future__ import annotations
 import keras_impl  # first: it loads triton before TensorFlow (PITFALLS.md)
 
 # isort: split
+import importlib
+import os
+import types
 from collections.abc import Callable
 
 import keras
@@ -60,3 +63,38 @@ def unit_twins() -> Callable[..., tuple[keras_impl.ResidualUnit, torch.nn.Module
         return cache[key]
 
     return make
+
+
+# Set by .ci/run: there the peers must import, so a skip would hide a missing install step.
+REQUIRE_PEERS = os.environ.get("RESNET34_PARITY_REQUIRE_PEERS") == "1"
+
+
+def import_peer(name: str) -> types.ModuleType:
+    """torchvision or timm (code nobody here wrote); a skip naming the fix where it cannot be imported.
+
+    PyPI's torchvision is built against torch's default (CUDA) build and does not import beside the CPU build
+    of another version ("operator torchvision::nms does not exist"). Under .ci/run the skip is a failure.
+    """
+    try:
+        return importlib.import_module(name)
+    except Exception as error:  # ImportError, or torchvision's RuntimeError beside a mismatched torch
+        reason = (
+            f"{name} cannot be imported beside torch {torch.__version__} ({str(error).splitlines()[0][:100]}); "
+            "install a matching pair, e.g. `python3 -m pip install -e \".[test]\"` in a fresh virtual environment "
+            "(README, Quick start)"
+        )
+        if REQUIRE_PEERS:
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def torchvision():
+    """torchvision (skips, or fails under .ci/run, where it cannot be imported)."""
+    return import_peer("torchvision")
+
+
+@pytest.fixture(scope="session")
+def timm():
+    """timm (skips, or fails under .ci/run, where it cannot be imported)."""
+    return import_peer("timm")

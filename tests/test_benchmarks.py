@@ -98,7 +98,7 @@ def test_roofline_counts_the_issues_flops_and_each_ways_kernels():
         kernels(1, "magic")
 
 
-def test_peers_torch_runs_every_side_and_writes_ratios_to_the_baseline(tmp_path):
+def test_peers_torch_runs_every_side_and_writes_ratios_to_the_baseline(tmp_path, torchvision):
     # A smoke run (2 rounds of 1 call): the figures themselves come from the full run in the README.
     out = tmp_path / "peers.json"
     smoke = ["--rounds", "2", "--per-round", "1", "--warmup", "1", "--threads", "1", "--json", str(out)]

@@ -192,12 +192,12 @@ MODEL_MISMATCHES: list[tuple[str, Callable[[], nn.Module], str]] = [
     (
         "naive-torch-conv",
         lambda: _replace(_fresh(), "stem_conv", nn.Conv2d(3, 64, 7, 2, padding=3, bias=False)),
-        "stem_conv: layer kind differs: Keras has Conv2D, torch has Conv2d",
+        "stem_conv: padding differs: Keras has same, torch has 3",
     ),
     (
         "naive-torch-max-pool",
         lambda: _replace(_fresh(), "stem_pool", nn.MaxPool2d(3, 2, padding=1)),
-        "stem_pool: layer kind differs: Keras has MaxPooling2D, torch has MaxPool2d",
+        "stem_pool: padding differs: Keras has same, torch has 1",
     ),
     (
         "extra-torch-tensor",
@@ -212,7 +212,7 @@ MODEL_MISMATCHES: list[tuple[str, Callable[[], nn.Module], str]] = [
     (
         "missing-layer",
         lambda: _drop_last_unit(_fresh()),
-        "not the same architecture: layer 19 is ['unit_15'] in Keras and ['avg_pool'] in torch (23 vs 22 layers",
+        "unit_15.main_layers.0: absent in torch; Keras has unit_15.main_layers[0]",
     ),
 ]
 
@@ -244,9 +244,8 @@ def test_keras_batchnorm_epsilon_mismatch_is_refused(unit_twins):
     changed = keras_impl.ResidualUnit(64, strides=1)
     changed.build((None, None, None, 64))
     changed.main_layers[4].epsilon = 1e-5
-    with pytest.raises(
-        ConversionError, match=re.escape("main_layers.4: epsilon differs: Keras has 1e-05, torch has 0.001")
-    ):
+    message = "main_layers[4]': epsilon 1e-05, momentum 0.99 fits no convention; expected book: epsilon 0.001"
+    with pytest.raises(ConversionError, match=re.escape(message)):
         conversion.copy_keras_to_torch(changed, copy.deepcopy(torch_unit))
 
 
@@ -288,24 +287,27 @@ def small_keras_model():
     [
         (
             lambda m: conversion.keras_to_torch(m),
-            "expected a ResNet-34 from keras_impl.build_resnet34. Received: a model with layers ['dense']",
+            "not a ResNet-34 of the book's design: expected a 7x7/2 conv with 64 filters (ResNet-34 layer stem_conv), "
+            "found 'dense' (Dense)",
         ),
         (lambda m: conversion.keras_to_torch("model.keras"), "Received: str"),
         (lambda m: conversion.keras_to_torch(torch_impl.ResNet34()), "Received: ResNet34"),
-        (lambda m: conversion.torch_to_keras(m), "expected a torch ResNet34 or ResidualUnit. Received: Sequential"),
+        (
+            lambda m: conversion.torch_to_keras(m),
+            "expected a torch_impl ResNet34 / ResidualUnit or a torchvision / timm resnet34. Received: Sequential",
+        ),
         (lambda m: conversion.torch_to_keras(nn.Linear(2, 2)), "Received: Linear"),
         (
             lambda m: conversion.copy_keras_to_torch(m, _fresh()),
-            "not the same architecture: layer 0 is ['dense'] in Keras and ['stem_conv'] in torch (1 vs 23 layers",
+            "not a ResNet-34 of the book's design: expected a 7x7/2 conv with 64 filters",
         ),
         (
             lambda m: conversion.copy_keras_to_torch(m, nn.Linear(4, 2)),
-            "expected a Keras ResNet-34 / ResidualUnit and a torch ResNet34 / ResidualUnit. "
-            "Received: Sequential and Linear",
+            "expected a torch_impl ResNet34 or ResidualUnit to pair with. Received: Linear",
         ),
         (
             lambda m: conversion.copy_keras_to_torch("unit", torch_impl.ResidualUnit(64, 64)),
-            "top: Keras str cannot pair with torch ResidualUnit",
+            "expected a Keras ResNet-34 model or ResidualUnit. Received: str",
         ),
         (
             lambda m: conversion.torch_to_keras(_fresh(), input_shape=(224, 224, 1)),
@@ -352,25 +354,24 @@ def test_state_dict_loads_into_an_equal_model(state_f32):
     [
         (
             lambda s: s.pop("unit_0.main_layers.1.running_var"),
-            "not a torch_impl.ResNet34 state_dict: 1 tensors missing (unit_0.main_layers.1.running_var...), "
-            "0 unexpected",
+            "not a ResNet-34 state_dict: 1 tensors missing (unit_0.main_layers.1.running_var...), 0 unexpected",
         ),
         (
             lambda s: s.update({"unit_0.extra": torch.zeros(3)}),
-            "not a torch_impl.ResNet34 state_dict: 0 tensors missing (...), 1 unexpected (unit_0.extra...)",
+            "not a ResNet-34 state_dict: 0 tensors missing (...), 1 unexpected (unit_0.extra...)",
         ),
         (
             lambda s: s.update({"unit_3.main_layers.0.weight": torch.zeros(128, 64, 5, 5)}),
-            "unit_3.main_layers.0.weight has shape (128, 64, 5, 5); ResNet34 expects (128, 64, 3, 3)",
+            "unit_3.main_layers.0.weight has shape (128, 64, 5, 5); ResNet-34 expects (128, 64, 3, 3)",
         ),
-        (lambda s: s.pop("classifier.weight"), "not a torch_impl.ResNet34 state_dict: no 'classifier.weight'"),
+        (lambda s: s.pop("classifier.weight"), "not a ResNet-34 state_dict: no 'classifier.weight'"),
         (
             lambda s: s.update({"stem_bn.running_var": torch.full((64,), float("nan"))}),
             "tensor stem_bn.running_var holds NaN or Inf",
         ),
         (
             lambda s: s.update({"stem_bn.running_var": torch.ones(64, dtype=torch.float64)}),
-            "expected floating tensors of one dtype; found ['torch.float32', 'torch.float64']",
+            "expected weights of one dtype. Received: ['float32', 'float64']",
         ),
     ],
     ids=["missing-tensor", "extra-tensor", "wrong-shape", "no-classifier", "nan-variance", "mixed-dtypes"],

@@ -6,10 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch_impl.padding import check_convention
+
 # Keras BatchNormalization defaults. torch's own are eps=1e-5 and momentum=0.1, and its momentum is
 # the weight of the NEW batch statistic: torch momentum = 1 - keras momentum.
 KERAS_BN_EPSILON = 1e-3
 KERAS_BN_MOMENTUM = 0.99
+# (epsilon, Keras momentum) per convention; mirrored by keras_impl/layers.py.
+BATCH_NORM = {"book": (KERAS_BN_EPSILON, KERAS_BN_MOMENTUM), "torchvision": (1e-5, 0.9)}
 
 # Keras activation names -> torch modules with the same definition (keras defaults: ELU alpha=1,
 # exact GELU). Keras's "leaky_relu" slope (0.2) differs from torch's default, so it is spelled out.
@@ -70,9 +74,10 @@ class KerasBatchNorm2d(nn.BatchNorm2d):
         return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
 
 
-def batch_norm(num_features: int) -> KerasBatchNorm2d:
-    """BatchNorm with Keras's epsilon, momentum and training-mode update."""
-    return KerasBatchNorm2d(num_features)
+def batch_norm(num_features: int, *, convention: str = "book") -> KerasBatchNorm2d:
+    """BatchNorm with the epsilon and momentum of ``convention``, and Keras's training-mode update."""
+    epsilon, keras_momentum = BATCH_NORM[check_convention(convention)]
+    return KerasBatchNorm2d(num_features, epsilon, keras_momentum)
 
 
 class GlobalAvgPool2d(nn.Module):

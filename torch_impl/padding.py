@@ -1,4 +1,4 @@
-"""TensorFlow/Keras "same" padding for PyTorch: the one module of the project that knows about it.
+"""TensorFlow/Keras "same" padding for PyTorch: the one module of ``torch_impl`` that knows about it.
 
 TF pads ``total = max(k - s, 0)`` if ``size % s == 0`` else ``max(k - size % s, 0)`` along each axis and
 puts the odd pixel at the bottom/right. PyTorch's symmetric ``padding=k // 2`` gives the same output size
@@ -103,3 +103,38 @@ class MaxPool2dSame(nn.MaxPool2d):
         if not self.dynamic_padding:
             return super().forward(x)
         return max_pool_same(x, self.kernel_size, self.stride)
+
+
+CONVENTIONS = ("book", "torchvision")
+
+
+def check_convention(convention: str) -> str:
+    """``convention`` if it is one of CONVENTIONS; a ValueError naming them otherwise."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"Unknown convention; expected one of {CONVENTIONS}. Received: convention={convention!r}")
+    return convention
+
+
+def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, *, convention: str = "book"):
+    """A bias-free conv padded as ``convention`` pads: TF "same" (book) or symmetric k // 2 (torchvision)."""
+    if check_convention(convention) == "torchvision":
+        return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=False)
+    return Conv2dSame(in_channels, out_channels, kernel_size, stride)
+
+
+def max_pool2d(kernel_size: int, stride: int, *, convention: str = "book") -> nn.MaxPool2d:
+    """A max-pool padded as ``convention`` pads: TF "same" (book) or k // 2 on every side (torchvision)."""
+    if check_convention(convention) == "torchvision":
+        return nn.MaxPool2d(kernel_size, stride, padding=kernel_size // 2)
+    return MaxPool2dSame(kernel_size, stride)
+
+
+def padding_of(module: nn.Module) -> str | int:
+    """'same' (TF, size-dependent) or the symmetric padding of a conv / max-pool built by this module."""
+    if isinstance(module, Conv2dSame | MaxPool2dSame) and module.dynamic_padding:
+        return "same"
+    padding = module.padding
+    padding = padding[0] if isinstance(padding, tuple) else padding
+    if isinstance(module, nn.Conv2d) and isinstance(module.padding, tuple) and len(set(module.padding)) != 1:
+        return repr(module.padding)  # uneven (H, W) padding: fits no convention
+    return padding

@@ -1,0 +1,901 @@
+"""Training semantics of both frameworks: optimizers, their state, and the crossentropy losses.
+
+What Keras 3 (TensorFlow backend) computes, read from its source and reproduced here:
+
+- ``optimizer.apply(grads)``: clip the gradients (``clipnorm`` per variable, ``global_clipnorm`` over all,
+  or ``clipvalue``), then decoupled weight decay on every variable ``w -= w * wd * lr`` (nothing excluded
+  unless ``exclude_from_weight_decay`` was called), then the update rule, then ``iterations += 1``. The
+  learning rate is the schedule at ``iterations`` before the increment; Adam's step is ``iterations + 1``.
+- Update rules (``m``, ``v``: Keras's slots; torch keeps other quantities, see PITFALLS.md):
+  SGD ``m = momentum*m - lr*g; w += m`` (nesterov ``w += momentum*m - lr*g``);
+  Adam ``m += (g - m)*(1 - b1); v += (g*g - v)*(1 - b2); w -= m*alpha / (sqrt(v) + eps)`` with
+  ``alpha = lr*sqrt(1 - b2^t) / (1 - b1^t)``; RMSprop ``v = rho*v + (1 - rho)*g*g``,
+  ``w -= lr*g / sqrt(v + eps)`` (eps inside the root; centered subtracts ``avg_g^2``; momentum
+  accumulates the increment).
+- Roundings: ``ops.cast(python_float, "float64")`` goes through float32 on TensorFlow, so SGD's momentum,
+  Adam's betas inside ``b^t`` and ``weight_decay`` are float32 numbers even for float64 variables; the
+  constant learning rate lives in a floatx (float32) variable; a schedule computes in float32 (the dtype
+  of its Python initial rate) with TensorFlow's own pow/cos, which are not correctly rounded in float32
+  (1 ulp off torch's in ~4% of arguments). Every other Python hyperparameter (``1 - b1``, ``eps``,
+  ``rho``, RMSprop's momentum, clip thresholds) enters exactly in the variable's dtype.
+
+So that the torch side agrees to rounding (~1e-13 in float64 after 10 steps), ``KerasRuleOptimizer``
+computes each step's SCALARS (learning rate, Adam's ``alpha``) with ``keras.ops`` exactly as Keras does, and
+does all tensor work in torch with Keras's operation order. Keras must therefore be importable while it
+steps, and only the TensorFlow backend's roundings are reproduced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import torch
+from keras import ops
+from torch import nn
+
+from conversion.errors import ConversionError
+from conversion.weights import TensorPair
+
+SUPPORTED_KERAS_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
+SUPPORTED_SCHEDULES = ("constant", "ExponentialDecay", "PiecewiseConstantDecay", "CosineDecay")
+SUPPORTED_LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy")
+SUPPORTED_TORCH_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
+
+_KERAS_OPTIMIZER_CLASSES = {
+    keras.optimizers.SGD: "SGD",
+    keras.optimizers.Adam: "Adam",
+    keras.optimizers.AdamW: "AdamW",
+    keras.optimizers.RMSprop: "RMSprop",
+}
+_SCHEDULE_CLASSES = {
+    keras.optimizers.schedules.ExponentialDecay: "ExponentialDecay",
+    keras.optimizers.schedules.PiecewiseConstantDecay: "PiecewiseConstantDecay",
+    keras.optimizers.schedules.CosineDecay: "CosineDecay",
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The rule: a Keras optimizer's configuration, checked
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KerasRule:
+    """The update rule of one Keras optimizer, as plain numbers (what ``KerasRuleOptimizer`` computes).
+
+    Attributes:
+        optimizer: "SGD", "Adam", "AdamW" or "RMSprop".
+        learning_rate: the constant rate as Keras stores it (a float32-exact number), or None with a schedule.
+        learning_rate_dtype: dtype of Keras's learning-rate variable (floatx when it was made).
+        schedule: the Keras schedule (evaluated by Keras at each step), or None.
+        momentum, nesterov: SGD and RMSprop.
+        beta_1, beta_2, epsilon, amsgrad: Adam and AdamW (epsilon: RMSprop too).
+        rho, centered: RMSprop.
+        weight_decay: decoupled weight decay or None.
+        clipnorm, clipvalue, global_clipnorm: Keras's clipping options (None when unset).
+        iterations_dtype: dtype of Keras's iteration counter (int64 on TensorFlow).
+    """
+
+    optimizer: str
+    learning_rate: float | None
+    learning_rate_dtype: str
+    schedule: keras.optimizers.schedules.LearningRateSchedule | None = None
+    momentum: float = 0.0
+    nesterov: bool = False
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-7
+    amsgrad: bool = False
+    rho: float = 0.9
+    centered: bool = False
+    weight_decay: float | None = None
+    clipnorm: float | None = None
+    clipvalue: float | None = None
+    global_clipnorm: float | None = None
+    iterations_dtype: str = "int64"
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        """Keras's slot-variable names for this rule, in Keras's creation order."""
+        if self.optimizer == "SGD":
+            return ("momentum",) if self.momentum != 0 else ()
+        if self.optimizer in ("Adam", "AdamW"):
+            return ("momentum", "velocity", "velocity_hat") if self.amsgrad else ("momentum", "velocity")
+        return (
+            ("velocity",)
+            + (("momentum",) if self.momentum > 0 else ())
+            + (("average_gradient",) if self.centered else ())
+        )
+
+    def describe(self) -> str:
+        """One line: the optimizer, its options and its schedule."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown = {
+            "SGD": ("momentum", "nesterov"),
+            "Adam": ("beta_1", "beta_2", "epsilon", "amsgrad"),
+            "AdamW": ("beta_1", "beta_2", "epsilon", "amsgrad"),
+            "RMSprop": ("rho", "momentum", "epsilon", "centered"),
+        }[self.optimizer] + ("weight_decay", "clipnorm", "clipvalue", "global_clipnorm")
+        options = ", ".join(f"{k}={fields[k]}" for k in shown if fields[k] is not None)
+        rate = (
+            f"{type(self.schedule).__name__}({self.schedule.get_config()})"
+            if self.schedule is not None
+            else repr(self.learning_rate)
+        )
+        return f"Keras {self.optimizer}(learning_rate={rate}, {options})"
+
+
+# Keras's slot lists: the attribute each optimizer's update_step indexes with _get_variable_index.
+_SLOT_ATTRIBUTES = {
+    "SGD": {"momentum": "momentums"},
+    "Adam": {"momentum": "_momentums", "velocity": "_velocities", "velocity_hat": "_velocity_hats"},
+    "AdamW": {"momentum": "_momentums", "velocity": "_velocities", "velocity_hat": "_velocity_hats"},
+    "RMSprop": {"velocity": "_velocities", "momentum": "_momentums", "average_gradient": "_average_gradients"},
+}
+
+
+def _number(owner: str, name: str, value: object, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConversionError(
+            f"{owner} {name} must be a Python number for an exact translation. Received: {name}={value!r}"
+        )
+    return value
+
+
+def keras_rule(keras_optimizer: keras.optimizers.Optimizer) -> KerasRule:
+    """Read a Keras optimizer into a ``KerasRule``, or raise ConversionError naming what is supported."""
+    kind = _KERAS_OPTIMIZER_CLASSES.get(type(keras_optimizer))
+    if kind is None:
+        raise ConversionError(
+            f"optimizer {type(keras_optimizer).__name__} has no torch translation; supported: "
+            f"keras.optimizers {', '.join(SUPPORTED_KERAS_OPTIMIZERS)}"
+        )
+    if keras.backend.backend() != "tensorflow":
+        raise ConversionError(
+            f"Keras backend {keras.backend.backend()!r}: only the tensorflow backend's roundings are reproduced"
+        )
+    owner = f"Keras {kind}"
+    for option, unsupported in (
+        ("use_ema", keras_optimizer.use_ema),
+        ("loss_scale_factor", keras_optimizer.loss_scale_factor is not None),
+        ("gradient_accumulation_steps", bool(keras_optimizer.gradient_accumulation_steps)),
+        (
+            "exclude_from_weight_decay",
+            bool(getattr(keras_optimizer, "_exclude_from_weight_decay", None))
+            or getattr(keras_optimizer, "_exclude_from_weight_decay_pattern", None) is not None,
+        ),
+    ):
+        if unsupported:
+            raise ConversionError(
+                f"{owner} option {option} has no torch translation; supported: learning-rate schedules "
+                f"({', '.join(SUPPORTED_SCHEDULES)}), weight_decay, clipnorm, clipvalue, global_clipnorm"
+            )
+
+    schedule = keras_optimizer._learning_rate
+    if isinstance(schedule, keras.Variable):
+        learning_rate = float(keras.ops.convert_to_numpy(schedule))
+        learning_rate_dtype = keras.backend.standardize_dtype(schedule.dtype)
+        schedule = None
+    elif type(schedule) in _SCHEDULE_CLASSES:
+        learning_rate, learning_rate_dtype = None, keras.backend.floatx()
+    else:
+        raise ConversionError(
+            f"{owner} learning rate {type(schedule).__name__} has no torch translation; supported: "
+            f"{', '.join(SUPPORTED_SCHEDULES)} (keras.optimizers.schedules)"
+        )
+
+    def num(name: str, allow_none: bool = False) -> float | None:
+        return _number(owner, name, getattr(keras_optimizer, name), allow_none)
+
+    common = dict(
+        optimizer=kind,
+        learning_rate=learning_rate,
+        learning_rate_dtype=learning_rate_dtype,
+        schedule=schedule,
+        weight_decay=num("weight_decay", allow_none=True),
+        # Keras clips only when the option is truthy and positive.
+        clipnorm=num("clipnorm", True) if keras_optimizer.clipnorm and keras_optimizer.clipnorm > 0 else None,
+        clipvalue=num("clipvalue", True) if keras_optimizer.clipvalue and keras_optimizer.clipvalue > 0 else None,
+        global_clipnorm=(
+            num("global_clipnorm", True)
+            if keras_optimizer.global_clipnorm and keras_optimizer.global_clipnorm > 0
+            else None
+        ),
+        iterations_dtype=keras.backend.standardize_dtype(keras_optimizer.iterations.dtype),
+    )
+    if kind == "SGD":
+        return KerasRule(**common, momentum=num("momentum"), nesterov=bool(keras_optimizer.nesterov))
+    if kind in ("Adam", "AdamW"):
+        return KerasRule(
+            **common,
+            beta_1=num("beta_1"),
+            beta_2=num("beta_2"),
+            epsilon=num("epsilon"),
+            amsgrad=bool(keras_optimizer.amsgrad),
+        )
+    return KerasRule(
+        **common,
+        rho=num("rho"),
+        momentum=num("momentum"),
+        epsilon=num("epsilon"),
+        centered=bool(keras_optimizer.centered),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The torch optimizer that steps like Keras
+# ---------------------------------------------------------------------------------------------------
+
+
+def _through_float32(value: float) -> float:
+    """What ``ops.cast(value, dtype)`` of a Python float gives on TensorFlow: the float32 nearest to it."""
+    return value if isinstance(value, int) else float(np.float32(value))
+
+
+class KerasRuleOptimizer(torch.optim.Optimizer):
+    """A torch optimizer whose ``step()`` is a Keras 3 optimizer's ``apply`` (TensorFlow backend), exactly.
+
+    Per-parameter state uses Keras's slot names (``momentum``, ``velocity``, ``velocity_hat``,
+    ``average_gradient``); ``iterations`` is Keras's iteration counter (global, like Keras's, saved in
+    ``state_dict()["keras_iterations"]``). With a constant rate, ``param_groups[g]["lr"]`` is the rate; like
+    Keras's variable it is rounded to ``rule.learning_rate_dtype`` when used. Parameters without a gradient
+    are skipped (no clipping share, no decay), as Keras filters them; the counter still advances.
+
+    Build it with ``torch_optimizer(keras_optimizer, torch_model)``.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], rule: KerasRule) -> None:
+        self.rule = rule
+        self.iterations = 0
+        self._constants: dict[tuple[float, torch.dtype, torch.device], torch.Tensor] = {}
+        defaults = {
+            f.name: getattr(rule, f.name)
+            for f in dataclasses.fields(rule)
+            if f.name not in ("schedule", "learning_rate_dtype", "iterations_dtype")
+        }
+        defaults["lr"] = defaults.pop("learning_rate")
+        super().__init__(params, defaults)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus ``keras_iterations``."""
+        state = super().state_dict()
+        state["keras_iterations"] = self.iterations
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load torch's state dict and ``keras_iterations``."""
+        state_dict = dict(state_dict)
+        self.iterations = int(state_dict.pop("keras_iterations", 0))
+        super().load_state_dict(state_dict)
+
+    def learning_rate(self, group: dict[str, Any] | None = None) -> np.generic:
+        """The rate Keras uses at the current ``iterations`` (a numpy scalar of Keras's dtype)."""
+        if self.rule.schedule is not None:
+            step = ops.convert_to_tensor(self.iterations, dtype=self.rule.iterations_dtype)
+            return ops.convert_to_numpy(self.rule.schedule(step))[()]
+        lr = (group or self.param_groups[0])["lr"]
+        return np.asarray(float(lr), dtype=self.rule.learning_rate_dtype)[()]
+
+    def _step_scalars(self, lr: np.generic, dtype: torch.dtype) -> dict[str, float]:
+        """This step's scalars in one variable dtype, computed with keras.ops as Keras's update_step does."""
+        keras_dtype = str(dtype).removeprefix("torch.")
+        scalars = {"lr": float(ops.convert_to_numpy(ops.cast(ops.convert_to_tensor(lr), keras_dtype)))}
+        if self.rule.optimizer in ("Adam", "AdamW"):
+            lr_t = ops.cast(ops.convert_to_tensor(lr), keras_dtype)
+            local_step = ops.cast(ops.convert_to_tensor(self.iterations + 1, self.rule.iterations_dtype), keras_dtype)
+            beta_1_power = ops.power(ops.cast(self.rule.beta_1, keras_dtype), local_step)
+            beta_2_power = ops.power(ops.cast(self.rule.beta_2, keras_dtype), local_step)
+            alpha = lr_t * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+            scalars["alpha"] = float(ops.convert_to_numpy(alpha))
+        return scalars
+
+    def _clipped(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        rule = self.rule
+        if rule.clipnorm is not None:  # tf.clip_by_norm, per variable
+            clipped = []
+            for g in grads:
+                c = self._const(rule.clipnorm, g)
+                l2sum = (g * g).sum()
+                positive = l2sum > 0
+                l2norm = torch.where(positive, torch.sqrt(torch.where(positive, l2sum, torch.ones_like(l2sum))), l2sum)
+                clipped.append((g * c) / torch.maximum(l2norm, c))
+            return clipped
+        if rule.global_clipnorm is not None:  # keras clip_by_global_norm
+            norm = torch.sqrt(torch.stack([(g * g).sum() for g in grads]).sum())
+            c, inverse_c = self._const(rule.global_clipnorm, norm), self._const(1.0 / rule.global_clipnorm, norm)
+            scale = c * torch.minimum(1.0 / norm, inverse_c) + (norm - norm)  # NaN for a non-finite norm
+            return [g * scale for g in grads]
+        if rule.clipvalue is not None:
+            bounds = [self._const(rule.clipvalue, g) for g in grads]
+            return [torch.clamp(g, -bound, bound) for g, bound in zip(grads, bounds, strict=True)]
+        return grads
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One Keras ``apply``: clip, decoupled weight decay, update rule, ``iterations += 1``."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        entries = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if entries:
+            grads = self._clipped([p.grad for p, _ in entries])
+            scalars: dict[tuple[int, torch.dtype, torch.device], dict[str, torch.Tensor]] = {}
+
+            def scalars_for(p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+                key = (id(group), p.dtype, p.device)
+                if key not in scalars:
+                    values = self._step_scalars(self.learning_rate(group), p.dtype)
+                    scalars[key] = {k: torch.tensor(v, dtype=p.dtype, device=p.device) for k, v in values.items()}
+                return scalars[key]
+
+            if self.rule.weight_decay is not None:  # all variables decay before any update, as in Keras
+                for p, group in entries:
+                    wd = self._const(_through_float32(self.rule.weight_decay), p)
+                    p.sub_(p * wd * scalars_for(p, group)["lr"])
+            update = {"SGD": self._sgd, "Adam": self._adam, "AdamW": self._adam, "RMSprop": self._rmsprop}
+            for (p, group), g in zip(entries, grads, strict=True):
+                state = self.state[p]
+                for slot in self.rule.slots:
+                    if slot not in state:
+                        state[slot] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                update[self.rule.optimizer](p, g.to(p.dtype), state, scalars_for(p, group))
+        self.iterations += 1
+        return loss
+
+    def _const(self, value: float, like: torch.Tensor) -> torch.Tensor:
+        """``value`` as a 0-d tensor of ``like``'s dtype and device (cached: hyperparameters do not change)."""
+        key = (value, like.dtype, like.device)
+        if key not in self._constants:
+            self._constants[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+        return self._constants[key]
+
+    def _sgd(self, p: torch.Tensor, g: torch.Tensor, state: dict, scalars: dict[str, torch.Tensor]) -> None:
+        lr = scalars["lr"]
+        if self.rule.momentum == 0:
+            p.sub_(g * lr)
+            return
+        m = state["momentum"]
+        momentum = self._const(_through_float32(self.rule.momentum), p)
+        m.copy_(m * momentum - g * lr)
+        p.add_(m * momentum - g * lr if self.rule.nesterov else m)
+
+    def _adam(self, p: torch.Tensor, g: torch.Tensor, state: dict, scalars: dict[str, torch.Tensor]) -> None:
+        rule = self.rule
+        m, v = state["momentum"], state["velocity"]
+        m.add_((g - m) * self._const(1 - rule.beta_1, p))
+        v.add_((g * g - v) * self._const(1 - rule.beta_2, p))
+        if rule.amsgrad:
+            v_hat = state["velocity_hat"]
+            v_hat.copy_(torch.maximum(v_hat, v))
+            v = v_hat
+        p.sub_((m * scalars["alpha"]) / (torch.sqrt(v) + self._const(rule.epsilon, p)))
+
+    def _rmsprop(self, p: torch.Tensor, g: torch.Tensor, state: dict, scalars: dict[str, torch.Tensor]) -> None:
+        rule = self.rule
+        rho, one_minus_rho = self._const(rule.rho, p), self._const(1 - rule.rho, p)
+        velocity = state["velocity"]
+        velocity.copy_(rho * velocity + one_minus_rho * (g * g))
+        if rule.centered:
+            average = state["average_gradient"]
+            average.copy_(rho * average + one_minus_rho * g)
+            denominator = velocity - average * average + self._const(rule.epsilon, p)
+        else:
+            denominator = velocity + self._const(rule.epsilon, p)
+        increment = (scalars["lr"] * g) / torch.sqrt(denominator)
+        if rule.momentum > 0:
+            momentum = state["momentum"]
+            momentum.copy_(self._const(rule.momentum, p) * momentum + increment)
+            p.sub_(momentum)
+        else:
+            p.sub_(increment)
+
+
+def torch_optimizer(keras_optimizer: keras.optimizers.Optimizer, torch_model: nn.Module) -> KerasRuleOptimizer:
+    """A torch optimizer over ``torch_model``'s trainable parameters that steps exactly like ``keras_optimizer``.
+
+    It starts fresh (``iterations`` 0, zero slots); to continue a Keras run, call ``optimizer_state_to_torch``.
+
+    Args:
+        keras_optimizer: a ``keras.optimizers`` SGD, Adam, AdamW or RMSprop, with a constant rate or an
+            ExponentialDecay, PiecewiseConstantDecay or CosineDecay schedule, and any of weight_decay,
+            clipnorm, clipvalue, global_clipnorm.
+        torch_model: the torch twin (its parameters with ``requires_grad`` are optimised).
+
+    Returns:
+        A ``KerasRuleOptimizer``.
+
+    Raises:
+        ConversionError: another optimizer or schedule, ``use_ema``, ``loss_scale_factor``,
+            gradient accumulation, ``exclude_from_weight_decay``, or a backend other than TensorFlow.
+    """
+    rule = keras_rule(keras_optimizer)
+    params = [p for p in torch_model.parameters() if p.requires_grad]
+    if not params:
+        raise ConversionError("the torch model has no trainable parameters to optimise")
+    return KerasRuleOptimizer(params, rule)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Optimizer state, both ways
+# ---------------------------------------------------------------------------------------------------
+
+
+def _slot_plan(
+    keras_optimizer: keras.optimizers.Optimizer, torch_opt: KerasRuleOptimizer, pairs: Sequence[TensorPair]
+) -> list[tuple[TensorPair, str, keras.Variable]]:
+    """(pair, slot name, Keras slot variable) for every trainable pair, checked on both sides."""
+    if not isinstance(torch_opt, KerasRuleOptimizer):
+        raise ConversionError(
+            "expected the torch optimizer from conversion.training.torch_optimizer. "
+            f"Received: {type(torch_opt).__name__}"
+        )
+    rule = keras_rule(keras_optimizer)
+    if (rule.optimizer, rule.slots) != (torch_opt.rule.optimizer, torch_opt.rule.slots):
+        raise ConversionError(
+            f"optimizers differ: Keras {rule.optimizer} with slots {rule.slots}, torch follows "
+            f"{torch_opt.rule.optimizer} with slots {torch_opt.rule.slots}"
+        )
+    if not keras_optimizer.built:
+        raise ConversionError(
+            "the Keras optimizer is not built: call keras_optimizer.build(keras_model.trainable_variables) first"
+        )
+    torch_params = {id(p) for group in torch_opt.param_groups for p in group["params"]}
+    plan = []
+    for pair in pairs:
+        if not pair.keras_variable.trainable:
+            continue  # BatchNorm moving statistics: not optimizer variables
+        if id(pair.torch_tensor) not in torch_params:
+            raise ConversionError(f"{pair.path}: the torch tensor is not a parameter of the torch optimizer")
+        try:
+            index = keras_optimizer._get_variable_index(pair.keras_variable)
+        except KeyError:
+            raise ConversionError(
+                f"{pair.path}: Keras variable {pair.keras_variable.path} is not one the Keras optimizer was built on"
+            ) from None
+        for slot in rule.slots:
+            variable = getattr(keras_optimizer, _SLOT_ATTRIBUTES[rule.optimizer][slot])[index]
+            expected_name = f"{pair.keras_variable.path.replace('/', '_')}_{slot}"
+            if variable is None or variable.name != expected_name:
+                raise ConversionError(
+                    f"{pair.path}: Keras slot {slot} is {getattr(variable, 'name', None)}, expected {expected_name}"
+                )
+            plan.append((pair, slot, variable))
+    return plan
+
+
+def optimizer_state_to_torch(
+    keras_optimizer: keras.optimizers.Optimizer, torch_opt: KerasRuleOptimizer, pairs: Sequence[TensorPair]
+) -> None:
+    """Copy a built Keras optimizer's state into ``torch_opt``: slots (layout changed), ``iterations``, constant rate.
+
+    Args:
+        keras_optimizer: the Keras optimizer, built on the Keras model's trainable variables.
+        torch_opt: the ``KerasRuleOptimizer`` over the torch twin (from ``torch_optimizer``).
+        pairs: ``conversion.weights.paired_tensors(keras_model, torch_model)``; non-trainable ones are skipped.
+
+    Raises:
+        ConversionError: different optimizers, an unbuilt Keras optimizer, or a pair either side does not know.
+    """
+    plan = _slot_plan(keras_optimizer, torch_opt, pairs)
+    with torch.no_grad():
+        for pair, slot, variable in plan:
+            value = np.ascontiguousarray(pair.to_torch(keras.ops.convert_to_numpy(variable)))
+            target = pair.torch_tensor
+            if str(value.dtype) != str(target.dtype).removeprefix("torch."):
+                raise ConversionError(f"{pair.path}: slot {slot} is {value.dtype} in Keras, {target.dtype} in torch")
+            torch_opt.state[target][slot] = torch.from_numpy(value).to(target.device)
+    torch_opt.iterations = int(keras.ops.convert_to_numpy(keras_optimizer.iterations))
+    if torch_opt.rule.schedule is None and isinstance(keras_optimizer._learning_rate, keras.Variable):
+        for group in torch_opt.param_groups:
+            group["lr"] = float(keras.ops.convert_to_numpy(keras_optimizer._learning_rate))
+
+
+def optimizer_state_to_keras(
+    torch_opt: KerasRuleOptimizer, keras_optimizer: keras.optimizers.Optimizer, pairs: Sequence[TensorPair]
+) -> None:
+    """Copy ``torch_opt``'s state into a built Keras optimizer: slots, ``iterations``, constant rate.
+
+    Slots the torch side has not created yet (no step taken) are written as zeros, as Keras starts them.
+
+    Args:
+        torch_opt: the ``KerasRuleOptimizer`` over the torch twin.
+        keras_optimizer: the Keras optimizer, built on the Keras model's trainable variables.
+        pairs: ``conversion.weights.paired_tensors(keras_model, torch_model)``.
+
+    Raises:
+        ConversionError: as ``optimizer_state_to_torch``.
+    """
+    plan = _slot_plan(keras_optimizer, torch_opt, pairs)
+    for pair, slot, variable in plan:
+        state = torch_opt.state.get(pair.torch_tensor, {})
+        value = state.get(slot)
+        array = (
+            np.zeros(tuple(variable.shape), keras.backend.standardize_dtype(variable.dtype))
+            if value is None
+            else pair.to_keras(value.detach().cpu().numpy())
+        )
+        variable.assign(array)
+    keras_optimizer.iterations.assign(torch_opt.iterations)
+    if torch_opt.rule.schedule is None and isinstance(keras_optimizer._learning_rate, keras.Variable):
+        keras_optimizer._learning_rate.assign(float(torch_opt.param_groups[0]["lr"]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------------
+
+CASE_LOGITS = "log-softmax cross-entropy of the output (it is logits)"
+CASE_LOGITS_BEHIND_SOFTMAX = "log-softmax cross-entropy of the logits behind the softmax (TensorFlow's _keras_logits)"
+CASE_DOUBLE_SOFTMAX = "log-softmax cross-entropy of the softmax output (a double softmax, as Keras computes here)"
+CASE_TF_CLIPPED = "TensorFlow's crossentropy of probabilities clipped to [eps, 1 - eps]"
+CASE_CLIPPED = "crossentropy of probabilities normalised, then clipped to [eps, 1 - eps] (JAX/torch backends)"
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchLoss:
+    """A Keras crossentropy loss reproduced in torch; call it as ``loss(output, target, logits=None)``.
+
+    Which computation Keras does depends on the backend, the head and whether the model's output reaches
+    the loss in the loss's own dtype (Keras first casts ``y_pred`` to the loss dtype, and on TensorFlow that
+    cast drops the softmax's ``_keras_logits``: a float64 model with a default float32 loss gets clipped
+    probabilities, not the logits). ``case(output_dtype)`` and ``describe(output_dtype)`` say which.
+
+    Attributes:
+        name: "sparse_categorical_crossentropy" or "categorical_crossentropy".
+        from_logits: the loss's ``from_logits``.
+        output_activation: the model head's activation: "softmax" or None (logits).
+        backend: the Keras backend whose computation is reproduced.
+        dtype: the Keras loss dtype (floatx unless the loss was made with ``dtype=``): the loss is computed
+            in it, so a float64 comparison needs a float64 Keras loss (see ``keras_loss_with_dtype``).
+        reduction: "sum_over_batch_size" (the mean over samples) or "sum".
+        epsilon: ``keras.config.epsilon()`` when made (the clip bound).
+        report_dtype: floatx when made: ``train_on_batch``/``fit`` report the loss cast to it (Keras's
+            CompileLoss), so their reported loss of a float64 model is float32-rounded unless floatx is float64;
+            the gradients are not affected.
+    """
+
+    name: str
+    from_logits: bool
+    output_activation: str | None
+    backend: str
+    dtype: torch.dtype
+    reduction: str
+    epsilon: float
+    report_dtype: torch.dtype
+
+    def case(self, output_dtype: torch.dtype | str | None = None) -> str:
+        """Which computation Keras does for a model output of ``output_dtype`` (default: the loss dtype)."""
+        same_dtype = output_dtype is None or _torch_dtype(output_dtype) == self.dtype
+        if self.output_activation == "softmax" and self.backend == "tensorflow" and same_dtype:
+            return CASE_LOGITS_BEHIND_SOFTMAX
+        if self.from_logits:
+            return CASE_DOUBLE_SOFTMAX if self.output_activation == "softmax" else CASE_LOGITS
+        return CASE_TF_CLIPPED if self.backend == "tensorflow" else CASE_CLIPPED
+
+    def describe(self, output_dtype: torch.dtype | str | None = None) -> str:
+        """One line: the loss, the case in use and the dtype it is computed in."""
+        return (
+            f"{self.name}(from_logits={self.from_logits}) on a {self.output_activation or 'logits'} head, "
+            f"{self.backend} backend, computed in {str(self.dtype).removeprefix('torch.')}, "
+            f"{self.reduction}{' (float32 mean: Keras torch backend)' if self.backend == 'torch' else ''}: "
+            f"{self.case(output_dtype)}"
+        )
+
+    def __call__(
+        self, output: torch.Tensor, target: torch.Tensor, *, logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The reduced loss, in ``self.dtype``.
+
+        Args:
+            output: the model's output (probabilities with a softmax head, else logits).
+            target: class indices (N,) or (N, 1) for the sparse loss; one-hot or soft labels (N, C) otherwise.
+            logits: the input of the head's softmax (see ``forward_with_logits``); required in the case
+                ``CASE_LOGITS_BEHIND_SOFTMAX``, ignored otherwise.
+        """
+        case = self.case(output.dtype)
+        if case == CASE_LOGITS_BEHIND_SOFTMAX:
+            if logits is None:
+                raise ConversionError(
+                    "this loss uses the logits behind the softmax (TensorFlow); pass logits= "
+                    "(from conversion.training.forward_with_logits)"
+                )
+            scores = logits.to(self.dtype)
+        else:
+            scores = output.to(self.dtype)  # Keras casts y_pred to the loss dtype first
+        sparse = self.name == "sparse_categorical_crossentropy"
+        if sparse:
+            labels = target.reshape(target.shape[:-1]) if target.dim() == scores.dim() else target
+            labels = labels.long()
+        else:
+            labels = target.to(self.dtype)
+        if case in (CASE_LOGITS, CASE_LOGITS_BEHIND_SOFTMAX, CASE_DOUBLE_SOFTMAX):
+            log_prob = torch.log_softmax(scores, dim=-1)
+        elif case == CASE_TF_CLIPPED and sparse:
+            # clip, log, then sparse softmax cross-entropy of those logs: -log(p_y / sum(p)), p clipped
+            log_prob = torch.log_softmax(torch.log(torch.clamp(scores, self.epsilon, 1 - self.epsilon)), dim=-1)
+        else:  # normalise, clip, log (TensorFlow's dense loss, and every loss on JAX/torch)
+            normalised = scores / scores.sum(dim=-1, keepdim=True)
+            log_prob = torch.log(torch.clamp(normalised, self.epsilon, 1.0 - self.epsilon))
+        if sparse:
+            per_sample = -log_prob.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        else:
+            per_sample = -(labels * log_prob).sum(dim=-1)
+        total = per_sample.sum()
+        if self.reduction == "sum":
+            return total
+        dtype = self.dtype
+        if self.backend == "torch":
+            # Keras's torch backend: divide_no_nan's result_type(torch.float64, torch.float64, float) is "float32"
+            # (torch dtypes are not in Keras's lattice), so the mean is float32(sum) / n in float32.
+            total, dtype = total.to(torch.float32), torch.float32
+        return total / torch.tensor(float(per_sample.numel()), dtype=dtype, device=total.device)
+
+
+def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return getattr(torch, keras.backend.standardize_dtype(dtype))
+
+
+_LOSS_FUNCTIONS = {
+    keras.losses.sparse_categorical_crossentropy: "sparse_categorical_crossentropy",
+    keras.losses.categorical_crossentropy: "categorical_crossentropy",
+}
+_LOSS_CLASSES = {
+    keras.losses.SparseCategoricalCrossentropy: "sparse_categorical_crossentropy",
+    keras.losses.CategoricalCrossentropy: "categorical_crossentropy",
+}
+_NAME_ALIASES = {
+    "sparse_categorical_crossentropy": "sparse_categorical_crossentropy",
+    "SparseCategoricalCrossentropy": "sparse_categorical_crossentropy",
+    "categorical_crossentropy": "categorical_crossentropy",
+    "CategoricalCrossentropy": "categorical_crossentropy",
+}
+_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+
+
+def _loss_settings(keras_loss: object) -> tuple[str, dict[str, Any], str, str]:
+    """(name, fn kwargs, dtype, reduction) of a Keras crossentropy given by name, function, class or instance."""
+    supported = f"supported: {', '.join(SUPPORTED_LOSSES)} (by name, function, class or instance)"
+    if isinstance(keras_loss, str):
+        if keras_loss not in _NAME_ALIASES:
+            raise ConversionError(f"loss {keras_loss!r} has no torch translation; {supported}")
+        keras_loss = _NAME_ALIASES[keras_loss]
+        return keras_loss, {}, keras.config.floatx(), "sum_over_batch_size"
+    if isinstance(keras_loss, Hashable) and keras_loss in _LOSS_FUNCTIONS:
+        return _LOSS_FUNCTIONS[keras_loss], {}, keras.config.floatx(), "sum_over_batch_size"
+    if isinstance(keras_loss, type) and keras_loss in _LOSS_CLASSES:
+        keras_loss = keras_loss()
+    if type(keras_loss) in _LOSS_CLASSES:
+        return _LOSS_CLASSES[type(keras_loss)], dict(keras_loss._fn_kwargs), keras_loss.dtype, keras_loss.reduction
+    wrapped = getattr(keras_loss, "fn", None)  # compile() wraps a loss function in a LossFunctionWrapper
+    if isinstance(keras_loss, keras.losses.Loss) and isinstance(wrapped, Hashable) and wrapped in _LOSS_FUNCTIONS:
+        return _LOSS_FUNCTIONS[keras_loss.fn], dict(keras_loss._fn_kwargs), keras_loss.dtype, keras_loss.reduction
+    raise ConversionError(
+        f"loss {getattr(keras_loss, '__name__', type(keras_loss).__name__)} has no torch translation; {supported}"
+    )
+
+
+def torch_loss(keras_loss: object, *, output_activation: str | None, backend: str | None = None) -> TorchLoss:
+    """The torch computation of a Keras crossentropy loss, for a head with ``output_activation``.
+
+    Args:
+        keras_loss: "sparse_categorical_crossentropy" or "categorical_crossentropy" (or the class names),
+            ``keras.losses`` functions of those names, their classes, or instances (``from_logits``,
+            ``dtype`` and ``reduction`` are read from an instance).
+        output_activation: the model head's activation: "softmax", or None / "linear" for logits.
+        backend: the Keras backend to reproduce; None takes ``keras.backend.backend()``.
+
+    Returns:
+        A ``TorchLoss``: call it as ``loss(output, target, logits=...)``; ``describe()`` says which case is used.
+
+    Raises:
+        ConversionError: another loss, ``label_smoothing``, ``ignore_class``, ``axis`` other than -1,
+            a reduction other than sum_over_batch_size/mean/sum, or another head activation.
+    """
+    name, kwargs, dtype, reduction = _loss_settings(keras_loss)
+    from_logits = bool(kwargs.pop("from_logits", False))
+    for option, default in (("label_smoothing", 0.0), ("ignore_class", None), ("axis", -1)):
+        if kwargs.get(option, default) != default:
+            raise ConversionError(
+                f"{name} option {option}={kwargs[option]!r} has no torch translation; supported: "
+                f"from_logits, dtype, reduction (sum_over_batch_size, mean, sum), {option}={default!r}"
+            )
+    if reduction in _MEAN_REDUCTIONS:
+        reduction = "sum_over_batch_size"
+    elif reduction != "sum":
+        raise ConversionError(
+            f"{name} reduction {reduction!r} has no translation; supported: sum_over_batch_size, mean, sum"
+        )
+    activation = None if output_activation in (None, "linear") else output_activation
+    if activation not in (None, "softmax"):
+        raise ConversionError(
+            f"head activation {output_activation!r} with {name} has no translation; supported: softmax, None (logits)"
+        )
+    backend = backend or keras.backend.backend()
+    if backend not in ("tensorflow", "jax", "torch"):
+        raise ConversionError(f"Keras backend {backend!r} has no translation; supported: tensorflow, jax, torch")
+    return TorchLoss(
+        name=name,
+        from_logits=from_logits,
+        output_activation=activation,
+        backend=backend,
+        dtype=_torch_dtype(dtype),
+        reduction=reduction,
+        epsilon=float(keras.config.epsilon()),
+        report_dtype=_torch_dtype(keras.config.floatx()),
+    )
+
+
+def keras_loss_with_dtype(keras_loss: object, dtype: str) -> keras.losses.Loss:
+    """A new Keras loss instance like ``keras_loss`` (name, class or instance) computing in ``dtype``.
+
+    A float64 model needs this for a float64 comparison: Keras computes a loss in floatx (float32) unless the
+    loss was made with ``dtype=``.
+    """
+    name, kwargs, _, reduction = _loss_settings(keras_loss)
+    cls = {v: k for k, v in _LOSS_CLASSES.items()}[name]
+    return cls(**kwargs, reduction=reduction, dtype=dtype)
+
+
+def forward_with_logits(torch_model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run ``torch_model`` and return (output, the input of the softmax that produced it, or None).
+
+    With a softmax head on TensorFlow, Keras's loss takes the logits behind the softmax: pass the second
+    value as ``logits=`` to a ``TorchLoss``. None when the output does not come from an ``nn.Softmax``.
+    """
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def remember(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        captured.append((args[0], output))
+
+    handles = [m.register_forward_hook(remember) for m in torch_model.modules() if isinstance(m, nn.Softmax)]
+    try:
+        output = torch_model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    logits = next((x for x, y in reversed(captured) if y is output), None)
+    return output, logits
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reverse direction: a torch optimizer config -> the Keras optimizer computing the same update
+# ---------------------------------------------------------------------------------------------------
+
+# torch options that choose an implementation, not the arithmetic rule.
+_IMPLEMENTATION_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
+
+
+def keras_optimizer(
+    torch_opt: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+) -> keras.optimizers.Optimizer:
+    """The Keras optimizer whose update equals ``torch_opt``'s (in exact arithmetic), or ConversionError.
+
+    Equivalences (torch -> Keras): SGD(momentum, nesterov) -> SGD; SGD(weight_decay) WITHOUT momentum ->
+    SGD(weight_decay) (``w - lr*(g + wd*w)`` is Keras's decay-then-step); Adam(eps=0, amsgrad) -> Adam(epsilon=0);
+    AdamW(eps=0) and Adam(decoupled_weight_decay=True, eps=0) -> AdamW(epsilon=0); RMSprop(eps=0, momentum,
+    centered) -> RMSprop(epsilon=0). Anything else has no Keras equivalent and is refused, naming the
+    parameter: torch's ``eps`` (Adam: ``sqrt(v_hat) + eps`` is ``sqrt(v) + eps*sqrt(1 - b2^t)`` in Keras's form,
+    a step-dependent epsilon; RMSprop: eps outside the root, Keras's inside), coupled ``weight_decay``
+    (L2 inside the moments), ``dampening``, ``maximize``, several param groups, and any ``scheduler``
+    (with SGD momentum torch's velocity keeps the old rate, so no Keras schedule matches).
+
+    Keras on TensorFlow keeps the rate in a float32 variable and casts SGD's momentum, Adam's betas (in
+    ``b^t``) and weight decay through float32: with float64 weights the two agree to rounding only when those
+    hyperparameters are float32 numbers (0.5, 0.875, 2**-6...); otherwise they differ by ~1e-8 relative.
+
+    Args:
+        torch_opt: a ``torch.optim`` SGD, Adam, AdamW or RMSprop.
+        scheduler: the torch lr scheduler driving it, if any (refused: see above).
+
+    Returns:
+        A new, unbuilt ``keras.optimizers`` optimizer.
+    """
+    kind = type(torch_opt).__name__
+    if type(torch_opt) not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop):
+        raise ConversionError(
+            f"torch optimizer {kind} has no Keras translation; supported: torch.optim "
+            f"{', '.join(SUPPORTED_TORCH_OPTIMIZERS)}"
+        )
+    settings = [
+        {k: v for k, v in group.items() if k not in ("params", "initial_lr")} for group in torch_opt.param_groups
+    ]
+    if any(s != settings[0] for s in settings[1:]):
+        raise ConversionError(
+            f"torch {kind} param groups with different settings have no Keras equivalent (one optimizer)"
+        )
+    group = settings[0]
+
+    def refuse(parameter: str, why: str) -> ConversionError:
+        return ConversionError(f"torch {kind} {parameter} has no Keras equivalent: {why}")
+
+    def number(value: object) -> float:
+        return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+
+    if group.get("maximize", False):
+        raise refuse("maximize=True", "Keras optimizers only minimise")
+    momentum = number(group.get("momentum", 0.0))
+    if scheduler is not None:
+        if kind == "SGD" and momentum != 0:
+            raise refuse(
+                f"momentum={momentum} with an lr scheduler",
+                "torch's velocity b = m*b + g is scaled by the CURRENT lr, Keras's m = m*momentum - lr*g keeps "
+                "each step's own lr, so the two differ as soon as the rate changes",
+            )
+        raise refuse(f"scheduler {type(scheduler).__name__}", "only a constant torch lr is translated")
+    lr = number(group["lr"])
+    weight_decay = number(group.get("weight_decay", 0.0))
+    if kind == "SGD":
+        if number(group.get("dampening", 0.0)) != 0:
+            raise refuse("dampening", "Keras's SGD momentum has no dampening")
+        if weight_decay != 0 and momentum != 0:
+            raise refuse(
+                f"weight_decay={weight_decay} with momentum",
+                "torch adds wd*w to the gradient (coupled L2, carried in the velocity); Keras decays decoupled",
+            )
+        return keras.optimizers.SGD(
+            learning_rate=lr,
+            momentum=momentum,
+            nesterov=bool(group["nesterov"]),
+            weight_decay=weight_decay or None,
+        )
+    eps = number(group["eps"])
+    if kind in ("Adam", "AdamW"):
+        if eps != 0:
+            raise refuse(
+                f"eps={eps}",
+                "torch divides by sqrt(v/(1 - b2^t)) + eps, Keras by sqrt(v) + epsilon with the bias correction in "
+                "the step size; they match only for eps=0 (Keras epsilon=0.0)",
+            )
+        decoupled = kind == "AdamW" or bool(group.get("decoupled_weight_decay", False))
+        if weight_decay != 0 and not decoupled:
+            raise refuse(f"weight_decay={weight_decay}", "torch's Adam adds wd*w to the gradient (coupled L2)")
+        beta_1, beta_2 = (number(b) for b in group["betas"])
+        options = dict(learning_rate=lr, beta_1=beta_1, beta_2=beta_2, epsilon=0.0, amsgrad=bool(group["amsgrad"]))
+        if weight_decay != 0:
+            return keras.optimizers.AdamW(weight_decay=weight_decay, **options)
+        return keras.optimizers.Adam(**options)
+    if eps != 0:
+        raise refuse(
+            f"eps={eps}", "torch divides by sqrt(v) + eps, Keras by sqrt(v + epsilon); they match only for eps=0"
+        )
+    if weight_decay != 0:
+        raise refuse(f"weight_decay={weight_decay}", "torch's RMSprop adds wd*w to the gradient (coupled L2)")
+    return keras.optimizers.RMSprop(
+        learning_rate=lr,
+        rho=number(group["alpha"]),
+        momentum=momentum,
+        epsilon=0.0,
+        centered=bool(group["centered"]),
+    )
+
+
+__all__ = [
+    "CASE_CLIPPED",
+    "CASE_DOUBLE_SOFTMAX",
+    "CASE_LOGITS",
+    "CASE_LOGITS_BEHIND_SOFTMAX",
+    "CASE_TF_CLIPPED",
+    "SUPPORTED_KERAS_OPTIMIZERS",
+    "SUPPORTED_LOSSES",
+    "SUPPORTED_SCHEDULES",
+    "KerasRule",
+    "KerasRuleOptimizer",
+    "TorchLoss",
+    "forward_with_logits",
+    "keras_loss_with_dtype",
+    "keras_optimizer",
+    "keras_rule",
+    "optimizer_state_to_keras",
+    "optimizer_state_to_torch",
+    "torch_loss",
+    "torch_optimizer",
+]
