@@ -90,22 +90,21 @@ def _unit_leaves(unit: keras.layers.Layer, where: str) -> list[_KerasLeaf]:
     return [*leaves, _KerasLeaf(f"{where}.activation", unit.activation)]
 
 
-def _check_chain(model: keras.Model, layers: list[keras.layers.Layer]) -> None:
-    """A Functional model must be a plain chain: each layer called once, on the previous layer's output."""
-    previous = model.inputs[0] if model.inputs else None
-    for layer in layers:
-        if len(getattr(layer, "_inbound_nodes", [])) != 1 or layer.input is not previous:
+def _check_chain(model: keras.Model) -> None:
+    """A Functional model must be a plain chain: one operation at each depth of its own graph."""
+    for depth, nodes in sorted(getattr(model, "_nodes_by_depth", {}).items()):
+        if len(nodes) != 1:
+            names = sorted(node.operation.name for node in nodes)
             raise ConversionError(
-                f"layer '{layer.name}': expected a chain of layers (Sequential, or Functional where each layer is "
-                "called once on the previous one's output); this one branches or is shared"
+                f"expected a chain of layers (Sequential, or Functional with each layer called once on the previous "
+                f"one's output); layers {names} sit side by side (graph depth {depth})"
             )
-        previous = layer.output
 
 
 def _keras_leaves(model: keras.Model) -> list[_KerasLeaf]:
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     if not isinstance(model, keras.Sequential):
-        _check_chain(model, layers)
+        _check_chain(model)
     leaves = []
     for layer in layers:
         leaves += _unit_leaves(layer, layer.name) if _is_unit(layer) else [_KerasLeaf(layer.name, layer)]

@@ -72,6 +72,12 @@ class ResNet34(nn.Sequential):
         self.convention = convention
         initialize_like_keras(self, kernel_initializer)
 
+    def __getitem__(self, index: int | slice) -> nn.Module:
+        # nn.Sequential rebuilds a slice with its own class, whose constructor is not ours: slices are plain.
+        if isinstance(index, slice):
+            return nn.Sequential(OrderedDict(list(self._modules.items())[index]))
+        return super().__getitem__(index)
+
 
 # torchvision's (and timm's) resnet34 names for the twin's tensors: conv1/bn1/fc for the stem and head,
 # layer{stage}.{block}.conv1/bn1/conv2/bn2/downsample.{0,1} for the units.
