@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from pathlib import Path
 
 from benchmarks.common import TOLERANCE, atomic_write, write_json
@@ -209,6 +210,8 @@ def write_all(out: Path, env: dict, rows: list[dict]) -> list[Path]:
     if picture is not None:
         lines += ["", f"![throughput]({PLOT})"]
         written.append(picture)
+    else:
+        print(f"no {PLOT}: matplotlib is not installed (python3 -m pip install matplotlib)", file=sys.stderr)
     written.append(atomic_write(out / "results.md", "\n".join(lines) + "\n"))
     return written
 

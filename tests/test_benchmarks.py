@@ -114,3 +114,16 @@ def test_peers_torch_runs_every_side_and_writes_ratios_to_the_baseline(tmp_path,
     assert batch["baseline"] == "torchvision"
     assert set(batch["ratios"]) == {"twin", "twin-fused"}
     assert all(ms > 0 for ms in batch["median_ms"].values()) and set(batch["calls"].values()) == {2}
+
+
+def test_without_matplotlib_the_report_says_so_in_one_line_and_writes_the_rest(tmp_path, monkeypatch, capsys):
+    from benchmarks import report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    env = {"device": "cpu", "cpu": "test", "cores": 2, "packages": {}, "gpus": [], "date_utc": "today", "git": "abc"}
+    env |= {"command": "run.py", "python": "3.11", "platform": "linux"}
+    env["threads"] = {"intra_op": 2, "inter_op": 1, "env": {}}
+    written = report.write_all(tmp_path, env, [])
+    err = capsys.readouterr().err.strip()
+    assert err == "no throughput.png: matplotlib is not installed (python3 -m pip install matplotlib)"
+    assert sorted(p.name for p in written) == ["results.csv", "results.json", "results.md"]
