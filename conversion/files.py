@@ -30,8 +30,14 @@ import torch
 import keras_impl
 import torch_impl
 from conversion.errors import ConversionError, WeightFileError
-from conversion.weights import keras_to_torch, read_keras, state_dict_convention, torch_to_keras, torchvision_state_dict
-from conversion.weights import twin_from_state_dict as _twin_from_state_dict
+from conversion.weights import (
+    keras_to_torch,
+    read_keras,
+    state_dict_convention,
+    torch_to_keras,
+    torchvision_state_dict,
+    twin_from_state_dict,
+)
 
 KERAS_SUFFIXES = (".keras", ".weights.h5", ".h5")
 TORCH_SUFFIXES = (".pt", ".pth", ".safetensors")
@@ -123,21 +129,6 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return dict(state), metadata
 
 
-def state_dict_to_torch(
-    state: dict[str, torch.Tensor],
-    classifier_activation: str | None = "softmax",
-    activation: str = "relu",
-    source: str = "state_dict",
-) -> torch_impl.ResNet34:
-    """A torch_impl.ResNet34 holding ``state`` (the twin's key names or torchvision's / timm's), checked first."""
-    try:
-        return _twin_from_state_dict(
-            state, classifier_activation=classifier_activation, activation=activation, source=source
-        )
-    except ConversionError as error:
-        raise WeightFileError(str(error)) from None
-
-
 def load_torch(path: str | os.PathLike, classifier_activation: str | None = "softmax") -> torch_impl.ResNet34:
     """Load a .pt, .pth or .safetensors ResNet-34 state_dict: the twin's key names, or torchvision's / timm's.
 
@@ -149,7 +140,7 @@ def load_torch(path: str | os.PathLike, classifier_activation: str | None = "sof
     if state_dict_convention(state) == "torchvision":
         classifier_activation = None
     head = metadata.get("classifier_activation", classifier_activation)
-    return state_dict_to_torch(
+    return twin_from_state_dict(
         state,
         classifier_activation=None if head in (None, "linear") else head,
         activation=metadata.get("activation", "relu"),

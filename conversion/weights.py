@@ -31,7 +31,7 @@ from torch import nn
 
 import keras_impl
 import torch_impl
-from conversion.errors import ConversionError
+from conversion.errors import ConversionError, WeightFileError
 from conversion.structure import Slot, resnet34_slots, unit_slots
 from keras_impl.layers import BATCH_NORM as KERAS_BATCH_NORM
 from keras_impl.padding import CONVENTIONS, SymmetricPaddingConv2D, SymmetricPaddingMaxPool2D
@@ -553,19 +553,19 @@ def twin_from_state_dict(
     convention = state_dict_convention(state)
     if convention is None:
         sample = ", ".join(list(state)[:3])
-        raise ConversionError(
+        raise WeightFileError(
             f"{source}: not a ResNet-34 state_dict: expected the twin's keys (stem_conv.weight, ...) or "
             f"torchvision's / timm's (conv1.weight, ..., fc.weight); found {len(state)} tensors: {sample}, ..."
         )
     head, stem = ("classifier", "stem_conv") if convention == "book" else ("fc", "conv1")
     for key in (f"{stem}.weight", f"{head}.weight"):
         if key not in state:
-            raise ConversionError(f"{source}: not a ResNet-34 state_dict: no '{key}'")
+            raise WeightFileError(f"{source}: not a ResNet-34 state_dict: no '{key}'")
     floating = {k: v for k, v in state.items() if v.is_floating_point()}
     try:
         dtype = _one_dtype({str(t.dtype).removeprefix("torch.") for t in floating.values()})
     except ConversionError as error:
-        raise ConversionError(f"{source}: {error}") from None
+        raise WeightFileError(f"{source}: {error}") from None
     model = torch_impl.ResNet34(
         num_classes=state[f"{head}.weight"].shape[0],
         in_channels=state[f"{stem}.weight"].shape[1],
@@ -582,18 +582,18 @@ def twin_from_state_dict(
     if convention == "torchvision":  # name them as the file does
         missing = [torch_impl.torchvision_key(k) for k in missing]
     if missing or unexpected:
-        raise ConversionError(
+        raise WeightFileError(
             f"{source}: not a ResNet-34 state_dict: {len(missing)} tensors missing "
             f"({', '.join(missing[:2])}...), {len(unexpected)} unexpected ({', '.join(unexpected[:2])}...)"
         )
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ConversionError(
+            raise WeightFileError(
                 f"{source}: {key} has shape {tuple(tensor.shape)}; ResNet-34 expects {tuple(expected[key].shape)}"
             )
     for key, tensor in floating.items():
         if not torch.isfinite(tensor).all():
-            raise ConversionError(f"{source}: tensor {key} holds NaN or Inf; expected finite weights")
+            raise WeightFileError(f"{source}: tensor {key} holds NaN or Inf; expected finite weights")
     model.load_state_dict(state, strict=False)  # num_batches_tracked may be absent; all else checked above
     return model.eval()
 
