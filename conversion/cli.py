@@ -13,6 +13,12 @@ from collections.abc import Sequence
 from conversion.errors import UserInputError
 
 EXIT_OK, EXIT_DISAGREE, EXIT_BAD_INPUT = 0, 1, 2
+# The command's defaults live here, where nothing heavy is imported: `--help` answers without TensorFlow.
+DEFAULT_BATCH, DEFAULT_SIZE = 2, (224, 224)  # verify
+DEFAULT_TRAIN_BATCH, DEFAULT_TRAIN_SIZE = 4, (45, 38)  # verify --train: small, odd and non-square
+TRAIN_OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "rmsprop")
+DEFAULT_LEARNING_RATE = {"sgd": 0.002, "nesterov": 0.002, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3}
+DEFAULT_WEIGHT_DECAY = 1e-4
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,6 +40,33 @@ def _add_size(parser: argparse.ArgumentParser, flag: str, default: tuple[int, in
 
 def _head_activation(text: str) -> str | None:
     return None if text in ("none", "linear") else text
+
+
+def _add_train_arguments(verify: argparse.ArgumentParser) -> None:
+    group = verify.add_argument_group(
+        "training parity (--train)",
+        "Run the same batches through Keras's train_on_batch and the torch twin's training step; compare the "
+        "loss, gradients, weights, BatchNorm statistics and optimizer slots after every step. Defaults: batch "
+        f"{DEFAULT_TRAIN_BATCH} of {DEFAULT_TRAIN_SIZE[0]}x{DEFAULT_TRAIN_SIZE[1]}, sparse categorical "
+        "crossentropy, and a .keras file's compiled optimizer and loss when it has them.",
+    )
+    group.add_argument("--train", action="store_true", help="compare training steps instead of inference")
+    group.add_argument(
+        "--optimizer",
+        choices=TRAIN_OPTIMIZERS,
+        help="Keras optimizer to train with (default: the model's compiled one, else nesterov). sgd/nesterov: "
+        f"momentum 0.9, lr {DEFAULT_LEARNING_RATE['sgd']:g} decayed x0.9 every step (ExponentialDecay); "
+        f"adam/adamw: lr {DEFAULT_LEARNING_RATE['adam']:g} with CosineDecay over the steps; rmsprop: centered, "
+        f"momentum 0.9, lr {DEFAULT_LEARNING_RATE['rmsprop']:g} decayed x0.9 every step",
+    )
+    group.add_argument("--learning-rate", type=float, metavar="LR", help="initial learning rate of --optimizer")
+    group.add_argument(
+        "--weight-decay",
+        type=float,
+        metavar="WD",
+        help=f"Keras's decoupled weight decay of --optimizer (default {DEFAULT_WEIGHT_DECAY:g}; 0 disables)",
+    )
+    group.add_argument("--steps", type=int, default=10, metavar="K", help="training steps (default: 10)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,8 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--onnx", metavar="C.onnx", help="ONNX export (NHWC or NCHW input; the final output is compared)"
     )
     verify.add_argument("--images", metavar="X.npy", help="NHWC images to use instead of seeded random ones")
-    verify.add_argument("--batch", type=_positive, default=2, help="images per batch (default: 2)")
-    _add_size(verify, "--size", (224, 224), "image height and width (default: 224 224)")
+    verify.add_argument(
+        "--batch",
+        type=_positive,
+        default=None,
+        help=f"images per batch (default: {DEFAULT_BATCH}; {DEFAULT_TRAIN_BATCH} with --train)",
+    )
+    _add_size(
+        verify,
+        "--size",
+        None,
+        f"image height and width (default: {DEFAULT_SIZE[0]} {DEFAULT_SIZE[1]}; "
+        f"{DEFAULT_TRAIN_SIZE[0]} {DEFAULT_TRAIN_SIZE[1]} with --train)",
+    )
     verify.add_argument("--seed", type=int, default=0, help="seed of the weights and images (default: 0)")
     verify.add_argument(
         "--dtype",
@@ -75,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="head activation for files that do not record it (default: softmax)",
     )
     verify.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    _add_train_arguments(verify)
 
     convert = commands.add_parser(
         "convert",
@@ -131,6 +176,10 @@ def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     status = Console(stderr=True).status
+    if args.command == "verify" and args.train:
+        from conversion.train_verify import run_train_command
+
+        return run_train_command(args)
     if args.command == "verify":
         from conversion.verify import run_verify_command
 

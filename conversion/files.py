@@ -284,7 +284,8 @@ def load_keras(path: str | os.PathLike, classifier_activation: str | None = "sof
             with zipfile.ZipFile(path) as archive:
                 config = json.loads(archive.read("config.json"))
                 with h5py.File(archive.open("model.weights.h5"), "r") as handle:
-                    file_arrays = _h5_arrays(handle)
+                    # A compiled model's file holds its optimizer's slots too; only the model's are compared.
+                    file_arrays = [a for key in handle if key != "optimizer" for a in _h5_arrays(handle[key])]
         except Exception as error:
             raise WeightFileError(f"{path}: not a readable .keras archive ({_first_line(error)})") from None
     else:

@@ -37,6 +37,7 @@ from conversion.arrays import (
     nhwc_to_nchw,
     seeded_images,
 )
+from conversion.cli import DEFAULT_BATCH, DEFAULT_SIZE
 from conversion.errors import InputError
 from conversion.files import load_keras, load_torch
 from conversion.hostile import randomize_weights
@@ -555,7 +556,8 @@ def _images(args: argparse.Namespace, keras_model: keras.Model) -> np.ndarray:
             raise InputError(f"{args.images}: not a readable .npy array of images ({error})") from None
         images = check_images(images, channels, dtype)
     else:
-        images = seeded_images(args.batch, *args.size, channels, seed=args.seed + 1, dtype=dtype)
+        batch, size = args.batch or DEFAULT_BATCH, args.size or DEFAULT_SIZE
+        images = seeded_images(batch, *size, channels, seed=args.seed + 1, dtype=dtype)
     if (height, width) != (None, None) and images.shape[1:3] != (height, width):
         raise InputError(f"the Keras model takes {height}x{width} images; received {images.shape[1]}x{images.shape[2]}")
     return images

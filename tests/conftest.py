@@ -80,7 +80,7 @@ def import_peer(name: str) -> types.ModuleType:
     except Exception as error:  # ImportError, or torchvision's RuntimeError beside a mismatched torch
         reason = (
             f"{name} cannot be imported beside torch {torch.__version__} ({str(error).splitlines()[0][:100]}); "
-            "install a matching pair, e.g. `python3 -m pip install -e \".[test]\"` in a fresh virtual environment "
+            'install a matching pair, e.g. `python3 -m pip install -e ".[test]"` in a fresh virtual environment '
             "(README, Quick start)"
         )
         if REQUIRE_PEERS:

@@ -107,6 +107,11 @@ def test_twin_weights_come_from_keras_distribution(model, initializer):
     assert torch.all(model.classifier.bias == 0)
 
 
+def test_constructor_initialises_like_keras():
+    """``torch_impl.ResNet34(kernel_initializer=...)`` draws as Keras does (glorot_uniform by default, as the book)."""
+    assert mismatched_layers(torch_impl.ResNet34(10, kernel_initializer="he_normal"), "he_normal") == []
+
+
 @pytest.mark.parametrize("initializer", ["glorot_uniform", "he_normal"])
 def test_torch_default_init_fails_the_same_test(model, initializer):
     default = torch_default_init(model)
