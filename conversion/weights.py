@@ -34,7 +34,12 @@ import torch_impl
 from conversion.errors import ConversionError, WeightFileError
 from conversion.structure import Slot, resnet34_slots, unit_slots
 from keras_impl.layers import BATCH_NORM as KERAS_BATCH_NORM
-from keras_impl.padding import CONVENTIONS, SymmetricPaddingConv2D, SymmetricPaddingMaxPool2D
+from keras_impl.padding import (
+    CONVENTIONS,
+    SymmetricPaddingConv2D,
+    SymmetricPaddingMaxPool2D,
+    needs_explicit_padding,
+)
 from torch_impl.layers import Dense as TorchDense
 from torch_impl.layers import GlobalAvgPool2d
 from torch_impl.padding import padding_of
@@ -43,18 +48,10 @@ from torch_impl.resnet34 import twin_key_names
 KerasObject = keras.Model | keras.layers.Layer
 TorchObject = torch_impl.ResNet34 | torch_impl.ResidualUnit
 
-# Layout rules, Keras -> torch and back.
+# Layout rules (Keras -> torch, torch -> Keras).
 _AS_IS = (lambda a: a, lambda a: a)
 _CONV = (lambda a: a.transpose(3, 2, 0, 1), lambda a: a.transpose(2, 3, 1, 0))
 _DENSE = (lambda a: a.T, lambda a: a.T)
-
-
-@dataclass(frozen=True)
-class _TensorPair:
-    path: str  # the torch state_dict name, e.g. "unit_3.main_layers.0.weight"
-    keras_variable: keras.Variable
-    torch_tensor: torch.Tensor
-    layout: tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -226,7 +223,7 @@ def _keras_padding(layer: keras.layers.Layer) -> str | int:
         return layer.explicit_padding
     if layer.padding == "valid":
         return 0
-    return k // 2 if k == 1 or (s == 1 and k % 2 == 1) else "same"
+    return "same" if needs_explicit_padding(k, s) else k // 2
 
 
 def _conventions_of(slot: Slot, leaf: object) -> set[str]:
@@ -235,8 +232,9 @@ def _conventions_of(slot: Slot, leaf: object) -> set[str]:
         padding, k = _keras_padding(leaf), slot.kernel_size
         if padding == "same":
             return {"book"}
-        explicit = not (k == 1 or (slot.strides == 1 and k % 2 == 1))
-        return set() if padding != k // 2 else ({"torchvision"} if explicit else set(CONVENTIONS))
+        if padding != k // 2:
+            return set()
+        return {"torchvision"} if needs_explicit_padding(k, slot.strides) else set(CONVENTIONS)
     if slot.kind == "batch_norm":
         return {
             name
@@ -301,7 +299,12 @@ def _check(condition: bool, path: str, what: str, keras_value: object, torch_val
         raise ConversionError(f"{path}: {what} differs: Keras has {keras_value}, torch has {torch_value}")
 
 
-def _slot_tensors(slot: Slot, leaf: _KerasLeaf, module: nn.Module, same_convention: bool) -> list[_TensorPair]:
+def _check_padding(path: str, layer: keras.layers.Layer, module: nn.Module) -> None:
+    keras_padding, torch_padding = _keras_padding(layer), padding_of(module)
+    _check(keras_padding == torch_padding, path, "padding", keras_padding, torch_padding)
+
+
+def _slot_tensors(slot: Slot, leaf: _KerasLeaf, module: nn.Module, same_convention: bool) -> list[TensorPair]:
     """The tensor pairs of one slot, after checking the two layers compute the same function there."""
     path, layer = slot.name, leaf.layer
     kinds = (_describe_keras(layer), type(module).__name__)
@@ -309,12 +312,10 @@ def _slot_tensors(slot: Slot, leaf: _KerasLeaf, module: nn.Module, same_conventi
         _check(isinstance(module, nn.Conv2d), path, "layer kind", *kinds)
         _check(tuple(layer.strides) == tuple(module.stride), path, "strides", tuple(layer.strides), module.stride)
         if same_convention:
-            _check(
-                _keras_padding(layer) == padding_of(module), path, "padding", _keras_padding(layer), padding_of(module)
-            )
+            _check_padding(path, layer, module)
         _check(layer.use_bias == (module.bias is not None), path, "use_bias", layer.use_bias, module.bias is not None)
-        pairs = [_TensorPair(f"{path}.weight", layer.kernel, module.weight, _CONV)]
-        return pairs + ([_TensorPair(f"{path}.bias", layer.bias, module.bias, _AS_IS)] if layer.use_bias else [])
+        pairs = [TensorPair(f"{path}.weight", layer.kernel, module.weight, *_CONV)]
+        return pairs + ([TensorPair(f"{path}.bias", layer.bias, module.bias, *_AS_IS)] if layer.use_bias else [])
     if slot.kind == "batch_norm":
         _check(isinstance(module, nn.BatchNorm2d), path, "layer kind", *kinds)
         if same_convention:  # same weights with another epsilon or momentum is another function
@@ -327,21 +328,15 @@ def _slot_tensors(slot: Slot, leaf: _KerasLeaf, module: nn.Module, same_conventi
                 module.momentum,
             )
         return [
-            _TensorPair(f"{path}.weight", layer.gamma, module.weight, _AS_IS),
-            _TensorPair(f"{path}.bias", layer.beta, module.bias, _AS_IS),
-            _TensorPair(f"{path}.running_mean", layer.moving_mean, module.running_mean, _AS_IS),
-            _TensorPair(f"{path}.running_var", layer.moving_variance, module.running_var, _AS_IS),
+            TensorPair(f"{path}.weight", layer.gamma, module.weight, *_AS_IS),
+            TensorPair(f"{path}.bias", layer.beta, module.bias, *_AS_IS),
+            TensorPair(f"{path}.running_mean", layer.moving_mean, module.running_mean, *_AS_IS),
+            TensorPair(f"{path}.running_var", layer.moving_variance, module.running_var, *_AS_IS),
         ]
     if slot.kind == "dense":
         _check(isinstance(module, TorchDense), path, "layer kind", *kinds)
-        return (
-            [
-                _TensorPair(f"{path}.weight", layer.kernel, module.weight, _DENSE),
-                _TensorPair(f"{path}.bias", layer.bias, module.bias, _AS_IS),
-            ]
-            if layer.use_bias
-            else [_TensorPair(f"{path}.weight", layer.kernel, module.weight, _DENSE)]
-        )
+        pairs = [TensorPair(f"{path}.weight", layer.kernel, module.weight, *_DENSE)]
+        return pairs + ([TensorPair(f"{path}.bias", layer.bias, module.bias, *_AS_IS)] if layer.use_bias else [])
     if slot.kind == "activation":
         name = getattr(module, "keras_name", type(module).__name__)
         _check(_activation_name(layer) == name, path, "activation", _activation_name(layer), name)
@@ -356,16 +351,14 @@ def _slot_tensors(slot: Slot, leaf: _KerasLeaf, module: nn.Module, same_conventi
             (module.kernel_size, module.stride),
         )
         if same_convention:
-            _check(
-                _keras_padding(layer) == padding_of(module), path, "padding", _keras_padding(layer), padding_of(module)
-            )
+            _check_padding(path, layer, module)
         return []
     expected = {"global_avg_pool": GlobalAvgPool2d, "flatten": nn.Flatten}[slot.kind]
     _check(isinstance(module, expected), path, "layer kind", *kinds)
     return []
 
 
-def _plan(keras_obj: KerasObject, torch_obj: TorchObject, same_convention: bool = True) -> list[_TensorPair]:
+def _plan(keras_obj: KerasObject, torch_obj: TorchObject, same_convention: bool = True) -> list[TensorPair]:
     """Every tensor pair of the two objects, audited (structure, shapes, dtypes, each used exactly once)."""
     if not isinstance(torch_obj, torch_impl.ResNet34 | torch_impl.ResidualUnit):
         raise ConversionError(
@@ -409,7 +402,7 @@ def _plan(keras_obj: KerasObject, torch_obj: TorchObject, same_convention: bool 
         )
     for p in pairs:
         keras_shape = tuple(p.keras_variable.shape)
-        as_torch = p.layout[0](np.empty(keras_shape, dtype=np.uint8)).shape
+        as_torch = p.to_torch(np.empty(keras_shape, dtype=np.uint8)).shape
         _check(
             as_torch == tuple(p.torch_tensor.shape),
             p.path,
@@ -425,7 +418,7 @@ def _plan(keras_obj: KerasObject, torch_obj: TorchObject, same_convention: bool 
 
 def paired_tensors(keras_obj: KerasObject, torch_obj: TorchObject) -> list[TensorPair]:
     """Every (Keras variable, torch tensor) pair of two twins, audited; the torch tensors are the live ones."""
-    return [TensorPair(p.path, p.keras_variable, p.torch_tensor, *p.layout) for p in _plan(keras_obj, torch_obj)]
+    return _plan(keras_obj, torch_obj)
 
 
 def check_same_architecture(keras_obj: KerasObject, torch_obj: TorchObject) -> None:
@@ -438,7 +431,7 @@ def copy_keras_to_torch(keras_obj: KerasObject, torch_obj: TorchObject, *, same_
     pairs = _plan(keras_obj, torch_obj, same_convention)
     with torch.no_grad():
         for p in pairs:
-            value = p.layout[0](keras.ops.convert_to_numpy(p.keras_variable))
+            value = p.to_torch(keras.ops.convert_to_numpy(p.keras_variable))
             p.torch_tensor.copy_(torch.from_numpy(np.ascontiguousarray(value)))
 
 
@@ -446,7 +439,7 @@ def copy_torch_to_keras(torch_obj: TorchObject, keras_obj: KerasObject, *, same_
     """Copy every weight of a torch model/unit into its existing Keras twin (checked first)."""
     pairs = _plan(keras_obj, torch_obj, same_convention)
     for p in pairs:
-        p.keras_variable.assign(p.layout[1](p.torch_tensor.detach().cpu().numpy()))
+        p.keras_variable.assign(p.to_keras(p.torch_tensor.detach().cpu().numpy()))
 
 
 # --- building the twin --------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ def check_convention(convention: str) -> str:
     return convention
 
 
-def _needs_explicit_padding(kernel_size: int, strides: int) -> bool:
+def needs_explicit_padding(kernel_size: int, strides: int) -> bool:
     """True where TF "same" can differ from torch's symmetric k // 2 on some input size."""
     return not (kernel_size == 1 or (strides == 1 and kernel_size % 2 == 1))
 
@@ -80,13 +80,13 @@ class SymmetricPaddingMaxPool2D(keras.layers.MaxPooling2D):
 def conv2d(filters: int, kernel_size: int, strides: int = 1, *, convention: str = "book", **kwargs):
     """A bias-free Conv2D padded as ``convention`` pads: TF "same" (book) or symmetric k // 2 (torchvision)."""
     kwargs.setdefault("use_bias", False)
-    if check_convention(convention) == "torchvision" and _needs_explicit_padding(kernel_size, strides):
+    if check_convention(convention) == "torchvision" and needs_explicit_padding(kernel_size, strides):
         return SymmetricPaddingConv2D(filters, kernel_size, kernel_size // 2, strides=strides, **kwargs)
     return keras.layers.Conv2D(filters, kernel_size, strides=strides, padding="same", **kwargs)
 
 
 def max_pool2d(pool_size: int, strides: int, *, convention: str = "book", **kwargs):
     """A max-pool padded as ``convention`` pads: TF "same" (book) or -inf k // 2 on every side (torchvision)."""
-    if check_convention(convention) == "torchvision" and _needs_explicit_padding(pool_size, strides):
+    if check_convention(convention) == "torchvision" and needs_explicit_padding(pool_size, strides):
         return SymmetricPaddingMaxPool2D(pool_size, strides, pool_size // 2, **kwargs)
     return keras.layers.MaxPool2D(pool_size=pool_size, strides=strides, padding="same", **kwargs)
