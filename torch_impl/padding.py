@@ -133,8 +133,5 @@ def padding_of(module: nn.Module) -> str | int:
     """'same' (TF, size-dependent) or the symmetric padding of a conv / max-pool built by this module."""
     if isinstance(module, Conv2dSame | MaxPool2dSame) and module.dynamic_padding:
         return "same"
-    padding = module.padding
-    padding = padding[0] if isinstance(padding, tuple) else padding
-    if isinstance(module, nn.Conv2d) and isinstance(module.padding, tuple) and len(set(module.padding)) != 1:
-        return repr(module.padding)  # uneven (H, W) padding: fits no convention
-    return padding
+    height, width = module.padding if isinstance(module.padding, tuple) else (module.padding,) * 2
+    return height if height == width else repr(module.padding)  # uneven (H, W) padding fits no convention

@@ -70,7 +70,9 @@ class ResNet34(nn.Sequential):
         self.classifier_activation = classifier_activation
         self.activation_name = activation
         self.convention = convention
-        initialize_like_keras(self, kernel_initializer)
+        for child in self.children():  # each unit initialised itself already
+            if not isinstance(child, ResidualUnit):
+                initialize_like_keras(child, kernel_initializer)
 
     def __getitem__(self, index: int | slice) -> nn.Module:
         # nn.Sequential rebuilds a slice with its own class, whose constructor is not ours: slices are plain.
