@@ -31,12 +31,14 @@ import keras_impl
 import torch_impl
 from conversion.errors import ConversionError, WeightFileError
 from conversion.weights import (
+    function_change,
     keras_to_torch,
     read_keras,
     state_dict_convention,
     torch_to_keras,
     torchvision_state_dict,
     twin_from_state_dict,
+    with_convention,
 )
 
 KERAS_SUFFIXES = (".keras", ".weights.h5", ".h5")
@@ -354,8 +356,6 @@ def convert_file(
     changed (``conversion.weights.function_change``); None when the function is kept.
     ``input_size`` (H, W) fixes a Keras destination's input size (default: the source's, or any size).
     """
-    from conversion.weights import function_change, with_convention
-
     dst_kind = file_kind(dst)
     if not Path(dst).parent.is_dir():  # fail before the (slow) load, not after
         raise WeightFileError(f"{dst}: the folder {Path(dst).parent} does not exist")

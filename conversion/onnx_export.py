@@ -19,12 +19,15 @@ import os
 import platform
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from conversion.arrays import check_images, nhwc_to_nchw
 from conversion.errors import ExportError, InputError
+
+if TYPE_CHECKING:  # the module keeps its imports light: run_onnx serves consumers without TensorFlow
+    from conversion.weights import KerasResNet
 
 # tf2onnx's preferred opset (its `PREFERRED_OPSET`), used for both exports so the files compare op for op.
 DEFAULT_OPSET = 15
@@ -37,7 +40,6 @@ TORCH_OPSETS = range(13, 21)
 
 # Head activation -> name of the graph output.
 _OUTPUT_NAMES = {"linear": "logits", "softmax": "probabilities", "sigmoid": "probabilities"}
-UNIT_COUNT = 16  # residual units of a ResNet-34: 3 + 4 + 6 + 3
 
 
 def output_name(classifier_activation: str | None) -> str:
@@ -121,7 +123,7 @@ def _finish(proto: Any, metadata: dict[str, str], tmp: Path) -> None:
     onnx.save_model(proto, str(tmp))
 
 
-def _check_keras_resnet34(model: Any):
+def _check_keras_resnet34(model: Any) -> KerasResNet:
     import keras
 
     from conversion.errors import ConversionError

@@ -41,11 +41,11 @@ from conversion.cli import DEFAULT_BATCH, DEFAULT_SIZE
 from conversion.errors import InputError
 from conversion.files import load_keras, load_torch
 from conversion.hostile import randomize_weights
+from conversion.structure import UNIT_COUNT
 from conversion.weights import check_same_architecture, keras_to_torch, torch_to_keras
 from torch_impl.padding import pad_same, same_padding
 
 # Stage names, in order; "output" exists only when the head has an activation.
-UNIT_COUNT = sum(units for _, units in keras_impl.STAGES)
 STEM_LAYERS = ("stem_conv", "stem_bn", "stem_activation", "stem_pool")
 POOL_LAYERS = ("avg_pool", "flatten")
 
@@ -510,20 +510,16 @@ def verify_models(
 # --- the command --------------------------------------------------------------------------------------
 
 
-def canonical_keras(model: keras.Model) -> keras.Model:
-    """``model`` rebuilt by ``keras_impl.build_resnet34`` (its layer names, the model's convention, input shape,
-    head and dtype) with its weights copied bit for bit: any Keras ResNet-34, the book's own included."""
-    twin = keras_to_torch(model)
-    return torch_to_keras(twin, tuple(model.input_shape[1:]))
-
-
 def _load_pair(args: argparse.Namespace) -> tuple[keras.Model, nn.Module | None, keras.Model | None]:
     """The Keras reference, the torch twin, and the user's own Keras model where it is not the reference."""
     if args.keras:
         source = load_keras(args.keras, args.classifier_activation)
-        keras_model = canonical_keras(source)
+        # Any Keras ResNet-34 (the book's own included) rebuilt bit for bit in build_resnet34's layout, whose
+        # layer names the per-stage report uses; the twin it was rebuilt from is the torch side.
+        twin = keras_to_torch(source)
+        keras_model = torch_to_keras(twin, tuple(source.input_shape[1:]))
         if not args.torch:
-            return keras_model, keras_to_torch(keras_model), source
+            return keras_model, twin, source
         # A .pt does not record its head's activation: the Keras model's is the right default.
         head = keras.activations.serialize(keras_model.get_layer("classifier").activation)
         torch_model = load_torch(args.torch, head)
