@@ -348,6 +348,11 @@ def test_keras_state_moves_to_torch_mid_run(make: Callable[[], keras.optimizers.
     torch_opt = KerasRuleOptimizer(side.params, keras_rule(make()))
     optimizer_state_to_torch(keras_opt, torch_opt, side.pairs)
     assert torch_opt.iterations == 4
+    _continue_both_and_compare(side, keras_opt, torch_opt)
+
+
+def _continue_both_and_compare(side: Side, keras_opt, torch_opt) -> None:
+    """Steps 4 to STEPS on both sides from the moved state, then the float64 bound on weights and slots."""
     for step in range(4, STEPS):
         grads = side.gradients(step)
         side.keras_step(keras_opt, grads)
@@ -371,12 +376,7 @@ def test_torch_state_moves_to_keras_mid_run(make: Callable[[], keras.optimizers.
     keras_opt.build(side.keras_vars)
     optimizer_state_to_keras(torch_opt, keras_opt, side.pairs)
     assert int(keras_opt.iterations.numpy()) == 4
-    for step in range(4, STEPS):
-        grads = side.gradients(step)
-        side.keras_step(keras_opt, grads)
-        side.torch_step(torch_opt, grads)
-    assert side.weight_err() <= TOLERANCE["float64"]
-    assert slot_err(keras_opt, torch_opt, side) <= TOLERANCE["float64"]
+    _continue_both_and_compare(side, keras_opt, torch_opt)
 
 
 def test_state_conversion_refuses_an_unbuilt_or_different_optimizer() -> None:
