@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--dtype",
         choices=("float32", "float64"),
-        default="float32",
-        help="precision of the built-in twins (default: float32)",
+        default=None,
+        help="precision of the comparison (default: float32 for the built-in twins, the files' own for files; "
+        "a float32 file is cast to float64 exactly, and the report says so)",
     )
     verify.add_argument(
         "--classifier-activation",

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import dataclasses
 import json
 import math
 import sys
@@ -50,23 +52,32 @@ from conversion.cli import (
     TRAIN_OPTIMIZERS,
 )
 from conversion.errors import ConversionError, InputError
+from conversion.noise_floor import (
+    Evidence,
+    Judgement,
+    explains,
+    floor_images,
+    floor_multiple,
+    judge,
+    keras_clone,
+    keras_floor_twin,
+    one_ulp_apart,
+)
 from conversion.weights import TensorPair, keras_to_torch, paired_tensors
 
-# Max relative error allowed per tensor and step, measured with `resnet34-parity verify --train --json --dtype D
-# --optimizer X` (X = nesterov, adam, adamw, rmsprop; their schedules; hostile weights, batch 4 of 45x38):
-# - float64, every step is judged: worst after 10 steps 3.5e-11 (RMSprop/Adam: 3e-11 / 1.3e-11; Nesterov SGD
-#   1.3e-12 on gradients, 5.6e-14 on weights), from ~6e-14 at step 0: the errors grow with the steps because
-#   training-mode BatchNorm over few values per channel (16 in the last stage) and optimizers dividing by
-#   sqrt(v) amplify each step's rounding. 1e-10 keeps a ~3x margin over the worst.
-# - float32, only step 0 is judged (both start from the same weights, so it measures the implementations):
-#   worst 7.5e-3 (RMSprop's momentum slot; Adam's weights 1.2e-3: dividing by sqrt(v + eps) turns a gradient's
-#   rounding error near zero into up to lr / sqrt(eps) of update). From there the float32 runs separate:
-#   gradients differ O(1) by step 3-5 at any learning rate tried (1e-4 to 2e-3), the same amplification float64
-#   shows from 1e-14. Later float32 steps are reported, not judged; the top-1 after training is judged.
-TRAIN_TOLERANCE = {"float64": 1e-10, "float32": 5e-2}
+UNKNOWN_CAUSE = "beyond the noise floor, cause unknown"
 
-# A hypothesis is the cause when it explains >= 95% of the discrepancy (its error <= 5% of Keras's).
-EXPLAINED = 0.05
+# The absolute bound per tensor and step, the second gate: a difference fails only beyond both it and
+# FLOOR_MULTIPLE x its noise floor (conversion.noise_floor), so these are what stays when rounding is ruled out.
+# - float64: 1e-10. The floor is the divergence of two float64 runs (Keras's and torch's own) whose weights
+#   and images are one ulp apart; correct twins measure <= 1.1 x that floor over 10 steps of four optimizers
+#   (hostile weights, batch 4 of 45x38), while the absolute errors grow from ~6e-14 at step 0 to ~1e-10 (Adam
+#   with weight decay and PiecewiseConstantDecay, 6 steps: 1.5e-10): training-mode BatchNorm over few values per
+#   channel and optimizers dividing by sqrt(v) amplify each step's rounding, and the floor grows with them.
+# - float32: 1e-5, the float32 inference bound. Each side's floor is its own float64 run, so by the triangle
+#   inequality a correct pair stays within ~1 x its floor at every step, even where float32 runs separate O(1)
+#   after a few steps; every step is judged.
+TRAIN_TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 
 CATEGORIES = ("batchnorm statistic", "loss", "gradient", "optimizer slot", "weight")
 
@@ -81,9 +92,9 @@ _TORCH_SLOT_NAMES = {
 _KERAS_SLOT_NAMES = ("momentum", "velocity", "velocity_hat", "average_gradient")
 # The causes named when no porting bug reproduces the divergence.
 UNRECOGNISED = (
+    UNKNOWN_CAUSE,
     "the gradients differ while the loss agrees",
     "the optimizer update differs while the gradients agree",
-    "BatchNorm moving statistics updated differently",
     "the loss differs on the same output",
     "the training-mode forward differs",
 )
@@ -100,6 +111,9 @@ class KerasStep:
     grads: dict[str, np.ndarray]  # keras variable path -> gradient handed to the optimizer (Keras layout)
     state: dict[str, np.ndarray]  # keras variable path -> value after the step (weights and BN statistics)
     slots: dict[tuple[str, str], np.ndarray]  # (keras variable path, slot name) -> value after the step
+    # Keras's side of each tensor's noise floor: max |this run - its floor twin's run| / max |this run|, keyed
+    # ("loss",), ("state", path), ("grad", path), ("slot", path, slot name).
+    floor: dict[tuple, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -123,7 +137,11 @@ class StepRow:
     weight_rel: float
     bn_rel: float
     slot_rel: float | None  # None when the torch optimizer keeps no Keras-comparable slots
-    ok: bool | None  # None: reported, not judged (float32 after step 0)
+    # per kind ("loss", "gradient", ...): the floor of the tensor with the worst error-to-floor ratio, and that ratio
+    noise_floor: dict[str, float]
+    floor_ratio: dict[str, float]
+    ill_conditioned: list[str]  # tensors whose floor alone exceeds the absolute bound
+    ok: bool
 
 
 # --- small helpers ------------------------------------------------------------------------------------
@@ -133,10 +151,13 @@ def _numpy(x: object) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 
-def _rel(actual: torch.Tensor | np.ndarray, reference: np.ndarray) -> float:
-    """max |actual - reference| / max |reference| (inf when either is not finite)."""
-    a = actual.detach().cpu().numpy() if isinstance(actual, torch.Tensor) else np.asarray(actual)
-    r = np.asarray(reference)
+def _as_array(x: torch.Tensor | np.ndarray | float) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _distance(actual: torch.Tensor | np.ndarray, reference: torch.Tensor | np.ndarray) -> float:
+    """max |actual - reference| (inf when the shapes differ or either is not finite)."""
+    a, r = _as_array(actual), _as_array(reference)
     if a.shape != r.shape:
         return math.inf
     if a.dtype != r.dtype:
@@ -144,10 +165,21 @@ def _rel(actual: torch.Tensor | np.ndarray, reference: np.ndarray) -> float:
     if not a.size:
         return 0.0
     diff = float(np.abs(a - r).max())  # numpy on contiguous arrays: the fastest here (memory-bound)
-    if not math.isfinite(diff):
-        return math.inf
+    return diff if math.isfinite(diff) else math.inf
+
+
+def _scale(reference: torch.Tensor | np.ndarray) -> float:
+    """max |reference|, or 1 where that is 0 (the denominator of every error about this tensor)."""
+    r = _as_array(reference)
+    if not r.size:
+        return 1.0
     scale = max(float(r.max()), -float(r.min()))
-    return diff / (scale if scale > 0 else 1.0)
+    return scale if scale > 0 and math.isfinite(scale) else 1.0
+
+
+def _rel(actual: torch.Tensor | np.ndarray, reference: torch.Tensor | np.ndarray) -> float:
+    """max |actual - reference| / max |reference| (inf when either is not finite)."""
+    return _distance(actual, reference) / _scale(reference)
 
 
 def _torch_layout(pair: TensorPair, keras_value: np.ndarray) -> np.ndarray:
@@ -156,6 +188,26 @@ def _torch_layout(pair: TensorPair, keras_value: np.ndarray) -> np.ndarray:
 
 def _err(actual: np.ndarray, candidate: np.ndarray) -> float:
     return float(np.abs(np.asarray(actual, np.float64) - np.asarray(candidate, np.float64)).max())
+
+
+def _best_explanation(hypotheses: dict[str, list[Evidence]]) -> str | None:
+    """The hypothesis that explains what was seen (``noise_floor.explains``) and leaves the least; None if none.
+
+    Where others explain it too and leave no more than that plus the noise floor, rounding cannot tell them
+    apart: all are named ("A, or B (not distinguishable beyond the noise floor)")."""
+    explaining = sorted(
+        (sum(_err(e.got, e.candidate) / _scale(e.expected) for e in evidence), cause, evidence)
+        for cause, evidence in hypotheses.items()
+        if explains(*evidence)
+    )
+    if not explaining:
+        return None
+    best, cause, evidence = explaining[0]
+    margin = sum(e.multiple * e.noise_floor for e in evidence)
+    ties = [other for left, other, _ in explaining[1:] if left <= best + margin]
+    if not ties:
+        return cause
+    return f"{cause}, or {', or '.join(ties)} (not distinguishable beyond the noise floor)"
 
 
 def _model_dtype(keras_model: keras.Model) -> str:
@@ -329,6 +381,8 @@ def _diagnose_bn(
     now: KerasStep,
     torch_state: dict[str, torch.Tensor],
     n: int | None,
+    floors: dict[str, float],
+    multiple: float,
 ) -> tuple[str, str]:
     module = pair.path.rpartition(".")[0]
     mean_path, var_path = layer.moving_mean.path, layer.moving_variance.path
@@ -336,6 +390,7 @@ def _diagnose_bn(
     new_mean, new_var = now.state[mean_path], now.state[var_path]
     got_mean = torch_state[f"{module}.running_mean"].detach().cpu().numpy()
     got_var = torch_state[f"{module}.running_var"].detach().cpu().numpy()
+    floor_mean, floor_var = floors[f"{module}.running_mean"], floors[f"{module}.running_var"]
     k = float(layer.momentum)
     batch_mean, batch_var = (new_mean - k * old_mean) / (1 - k), (new_var - k * old_var) / (1 - k)
     hypotheses = {
@@ -352,16 +407,22 @@ def _diagnose_bn(
             "running variance updated with the unbiased batch variance (torch's nn.BatchNorm2d, factor n/(n-1) = "
             f"{n}/{n - 1}); Keras stores the biased one"
         ] = (new_mean, k * old_var + (1 - k) * batch_var * n / (n - 1))
-    base = _err(got_mean, new_mean) + _err(got_var, new_var)
-    scored = [
-        (_err(got_mean, m) + _err(got_var, v), cause)
-        for cause, (m, v) in hypotheses.items()
-        if _err(m, new_mean) + _err(v, new_var) > 0
-    ]
-    best = min(scored, default=(math.inf, ""))
-    if best[0] <= EXPLAINED * base:
-        return best[1], f"recomputing {module}'s update with this convention reproduces torch's statistics"
-    return "BatchNorm moving statistics updated differently", f"no convention reproduces {module}'s statistics"
+    cause = _best_explanation(
+        {
+            cause: [
+                Evidence(got_mean, new_mean, m, floor_mean, multiple),
+                Evidence(got_var, new_var, v, floor_var, multiple),
+            ]
+            for cause, (m, v) in hypotheses.items()
+        }
+    )
+    if cause is not None:
+        return cause, f"recomputing {module}'s update with this convention reproduces torch's statistics"
+    return (
+        f"{UNKNOWN_CAUSE}: BatchNorm moving statistics updated differently",
+        f"no convention reproduces {module}'s statistics (mean: {_rel(got_mean, new_mean):.3g} against a floor of "
+        f"{floor_mean:.2g}; variance: {_rel(got_var, new_var):.3g} against {floor_var:.2g})",
+    )
 
 
 def _crossentropy_hypotheses(
@@ -522,39 +583,36 @@ def _diagnose_optimizer(
     prev: KerasStep,
     now: KerasStep,
     torch_weight: np.ndarray,
+    floor: float,
+    multiple: float,
 ) -> tuple[str, str]:
     path = pair.keras_variable.path
     w, g, got, expected = prev.state[path], now.grads[path], torch_weight, now.state[path]
     slots = {slot: value for (owner, slot), value in prev.slots.items() if owner == path}
     global_norm = float(np.sqrt(sum(float((x.astype(np.float64) ** 2).sum()) for x in now.grads.values())))
-    base = _err(got, expected)
     hypotheses = _optimizer_hypotheses(
         optimizer, w, g, slots, now.step, now.learning_rate, prev.learning_rate, global_norm
     )
-    scored = []
-    for cause, compute in hypotheses.items():
-        candidate = compute()
-        if _err(candidate, expected) > 0:  # a hypothesis that changes nothing here explains nothing
-            scored.append((_err(got, candidate), cause))
+    evidence = {cause: [Evidence(got, expected, compute(), floor, multiple)] for cause, compute in hypotheses.items()}
     delta_keras, delta_torch = expected - w, got - w
     norm = float((delta_keras * delta_keras).sum())
     if norm > 0:  # the same update, scaled: another learning rate
         c = float((delta_torch * delta_keras).sum()) / norm
         if abs(c - 1) > 1e-6:
-            scored.append(
-                (
-                    _err(got, w + c * delta_keras),
-                    f"learning rate differs: torch's step is {c:.4g} x Keras's (Keras "
-                    f"used {now.learning_rate:.6g} at step {now.step})",
-                )
+            cause = (
+                f"learning rate differs: torch's step is {c:.4g} x Keras's (Keras used {now.learning_rate:.6g} at "
+                f"step {now.step})"
             )
-    best = min(scored, default=(math.inf, ""))
-    if best[0] <= EXPLAINED * base:
-        return best[1], f"recomputing step {now.step} of {pair.path} with this bug reproduces torch's weights"
+            evidence[cause] = [Evidence(got, expected, w + c * delta_keras, floor, multiple)]
+    cause = _best_explanation(evidence)
+    if cause is not None:
+        return cause, f"recomputing step {now.step} of {pair.path} with this bug reproduces torch's weights"
     return (
-        "the optimizer update differs while the gradients agree: compare the update rule, epsilon, weight decay, "
-        f"clipping and the learning rate (Keras used {now.learning_rate:.6g} at step {now.step})",
-        "no known optimizer-porting bug reproduces torch's weights",
+        f"{UNKNOWN_CAUSE}: the optimizer update differs while the gradients agree: compare the update rule, "
+        f"epsilon, weight decay, clipping and the learning rate (Keras used {now.learning_rate:.6g} at step "
+        f"{now.step})",
+        f"no known optimizer-porting bug reproduces torch's weights ({_rel(got, expected):.3g} against a floor of "
+        f"{floor:.2g})",
     )
 
 
@@ -599,51 +657,186 @@ def _targets(keras_loss: keras.losses.Loss, labels: np.ndarray, classes: int, dt
     return labels
 
 
+@dataclass(frozen=True)
+class _TensorVerdict:
+    """One tensor of one step, judged against its noise floor."""
+
+    kind: str  # one of CATEGORIES
+    torch: str  # its torch name ("loss" for the loss, "path [slot]" for a slot)
+    keras: str
+    judgement: Judgement
+
+
+@dataclass
+class _TorchSide:
+    """The torch model as it trains, with its optimizer, scheduler and loss: the compared side or its floor twin."""
+
+    model: nn.Module
+    loss: Callable
+    optimizer: object
+    scheduler: object | None
+    params: dict[str, torch.Tensor]  # torch path -> trainable parameter
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+
+
+def _copy_optimizer(optimizer: torch.optim.Optimizer, memo: dict) -> torch.optim.Optimizer:
+    """A deep copy of a torch optimizer with all of its attributes (``copy.deepcopy`` keeps only torch's three:
+    defaults, state and param_groups), its parameters mapped through ``memo``."""
+    clone = object.__new__(type(optimizer))
+    memo[id(optimizer)] = clone
+    attributes = dict(optimizer.__dict__)
+    wrapped_step = attributes.pop("step", None)  # an lr scheduler's wrapper, bound to the ORIGINAL optimizer
+    clone.__dict__.update(copy.deepcopy(attributes, memo))
+    if hasattr(wrapped_step, "_wrapped_by_lr_sched"):
+        step = type(optimizer).step
+
+        def tracked_step(*args: object, **kwargs: object) -> object:
+            clone._opt_called = True  # what the scheduler's own wrapper records
+            return step(clone, *args, **kwargs)
+
+        tracked_step._wrapped_by_lr_sched = True
+        clone.step = tracked_step
+    return clone
+
+
+def _copy_training_objects(model: nn.Module, optimizer: object, scheduler: object | None) -> tuple:
+    """Deep copies of a model, its optimizer (or a wrapper holding one) and scheduler, still wired together."""
+    memo: dict = {}
+    model = copy.deepcopy(model, memo)
+    holders = [optimizer, scheduler, *(vars(optimizer).values() if hasattr(optimizer, "__dict__") else ())]
+    for candidate in holders:
+        if isinstance(candidate, torch.optim.Optimizer) and id(candidate) not in memo:
+            _copy_optimizer(candidate, memo)
+    return model, copy.deepcopy(optimizer, memo), copy.deepcopy(scheduler, memo)
+
+
+def _torch_floor_side(side: _TorchSide, seed: int) -> _TorchSide:
+    """The torch side's floor twin: model, optimizer and scheduler copied together (the optimizer keeps pointing
+    at the copy's parameters), then made float64 (a float32 side) or moved one ulp (a float64 side)."""
+    model, optimizer, scheduler = _copy_training_objects(side.model, side.optimizer, side.scheduler)
+    float64 = next(t.dtype for t in model.state_dict().values() if t.is_floating_point()) == torch.float64
+    if not float64:
+        model.double()  # in place: every Parameter object stays, so the optimizer's references hold
+        for state in getattr(optimizer, "state", {}).values():  # a run that continues: its slots widen too
+            for key, value in list(state.items()):
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0:
+                    state[key] = value.double()
+    else:
+        rng = np.random.default_rng(seed)
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                if tensor.is_floating_point():
+                    tensor.copy_(torch.from_numpy(one_ulp_apart(tensor.detach().cpu().numpy(), rng)))
+    loss = side.loss
+    if isinstance(loss, training.TorchLoss):
+        loss = dataclasses.replace(loss, dtype=torch.float64)
+    tensors = dict(model.named_parameters())
+    return _TorchSide(model, loss, optimizer, scheduler, {path: tensors[path] for path in side.params})
+
+
+def _optimizer_like(optimizer: keras.optimizers.Optimizer, model: keras.Model) -> keras.optimizers.Optimizer:
+    """A new Keras optimizer of ``optimizer``'s config for ``model``, holding its state where it has any."""
+    clone = type(optimizer).from_config(optimizer.get_config())
+    if optimizer.built and int(_numpy(optimizer.iterations)) > 0:
+        clone.build(model.trainable_variables)
+        for source, target in zip(optimizer.variables, clone.variables, strict=True):
+            target.assign(np.asarray(_numpy(source)).astype(keras.backend.standardize_dtype(target.dtype)))
+    return clone
+
+
+def _keras_floor_steps(
+    keras_model: keras.Model,
+    batches: list[tuple[np.ndarray, np.ndarray]],
+    optimizer: keras.optimizers.Optimizer,
+    loss: keras.losses.Loss,
+    seed: int,
+) -> tuple[keras.Model, Iterator[KerasStep], dict[str, str]]:
+    """Keras's floor twin trained on the floor batches: the twin, its steps, and the twin's variable path of each
+    of the model's (the clone's sublayers are named afresh)."""
+    twin = keras_floor_twin(keras_model, seed)
+    paths = {v.path: w.path for v, w in zip(keras_model.weights, twin.weights, strict=True)}
+    floor_loss = training.keras_loss_with_dtype(loss, "float64")
+    floor_batches = [(x, y.astype(np.float64) if np.asarray(y).dtype.kind == "f" else y) for x, y in batches]
+    return twin, keras_steps(twin, floor_batches, _optimizer_like(optimizer, twin), floor_loss), paths
+
+
+def _keras_floor(now: KerasStep, floor_now: KerasStep, paths: dict[str, str]) -> dict[tuple, float]:
+    """Keras's side of every tensor's floor at this step: max |run - floor twin's run| / max |run|."""
+    floor = {
+        ("loss",): abs(now.loss - floor_now.loss) / (abs(now.loss) or 1.0),
+        ("y_pred",): _distance(now.y_pred, floor_now.y_pred) / _scale(now.y_pred),
+    }
+    for path, value in now.state.items():
+        floor[("state", path)] = _distance(value, floor_now.state[paths[path]]) / _scale(value)
+    for path, value in now.grads.items():
+        floor[("grad", path)] = _distance(value, floor_now.grads[paths[path]]) / _scale(value)
+    for (path, slot), value in now.slots.items():
+        floor[("slot", path, slot)] = _distance(value, floor_now.slots[(paths[path], slot)]) / _scale(value)
+    return floor
+
+
 def _compare_step(
     now: KerasStep,
     t: _TorchStep,
+    t_floor: _TorchStep,
+    side: _TorchSide,
+    floor_side: _TorchSide,
     trainable: dict[str, TensorPair],
     statistics: list[TensorPair],
-    tensors: dict[str, torch.Tensor],
-    torch_optimizer: object,
     tolerance: float,
-) -> tuple[dict[str, float], list[tuple[str, str, str, float]], int]:
-    """Worst error per category, the tensors over tolerance (category, torch, keras, err), slots compared."""
-    worst = dict.fromkeys(CATEGORIES, 0.0)
-    found: list[tuple[str, str, str, float]] = []
+    multiple: float,
+) -> tuple[list[_TensorVerdict], int]:
+    """Every tensor of this step judged against its floor (Keras's side from the step, torch's measured here),
+    and the number of optimizer slots compared."""
+    verdicts: list[_TensorVerdict] = []
+    tensors, floor_tensors = side.tensors(), floor_side.tensors()
 
-    def check(category: str, torch_path: str, keras_path: str, actual: object, expected: np.ndarray) -> None:
-        err = _rel(actual, expected)
-        worst[category] = max(worst[category], err)
-        if err > tolerance:
-            found.append((category, torch_path, keras_path, err))
+    def check(kind: str, torch_name: str, keras_name: str, actual, floor_actual, expected, keras_floor: float):
+        scale = _scale(expected)
+        error = _distance(actual, expected) / scale
+        floor = keras_floor + _distance(actual, floor_actual) / scale
+        verdicts.append(_TensorVerdict(kind, torch_name, keras_name, judge(error, floor, tolerance, multiple)))
 
     for p in statistics:
         kpath = p.keras_variable.path
-        check("batchnorm statistic", p.path, kpath, tensors[p.path], _torch_layout(p, now.state[kpath]))
-    loss_rel = abs(t.loss - now.loss) / abs(now.loss) if now.loss else abs(t.loss)
-    worst["loss"] = loss_rel if math.isfinite(loss_rel) else math.inf
-    if worst["loss"] > tolerance:
-        found.append(("loss", "loss", "loss", worst["loss"]))
+        expected = _torch_layout(p, now.state[kpath])
+        check("batchnorm statistic", p.path, kpath, tensors[p.path], floor_tensors[p.path], expected,
+              now.floor[("state", kpath)])  # fmt: skip
+    check("loss", "loss", "loss", np.float64(t.loss), np.float64(t_floor.loss), np.float64(now.loss),
+          now.floor[("loss",)])  # fmt: skip
     for path, p in trainable.items():
         kpath = p.keras_variable.path
-        check("gradient", path, kpath, t.grads[path], _torch_layout(p, now.grads.get(kpath, 0 * now.state[kpath])))
+        expected = _torch_layout(p, now.grads.get(kpath, 0 * now.state[kpath]))
+        check(
+            "gradient", path, kpath, t.grads[path], t_floor.grads[path], expected, now.floor.get(("grad", kpath), 0.0)
+        )
     compared_slots = 0
     for path, p in trainable.items():
         kpath = p.keras_variable.path
-        for slot, value in _torch_slots(torch_optimizer, tensors[path]).items():
+        floor_slots = _torch_slots(floor_side.optimizer, floor_side.params[path])
+        for slot, value in _torch_slots(side.optimizer, side.params[path]).items():
             if (kpath, slot) in now.slots:
                 compared_slots += 1
-                check(
-                    "optimizer slot",
-                    f"{path} [{slot}]",
-                    f"{kpath}_{slot}",
-                    value,
-                    _torch_layout(p, now.slots[(kpath, slot)]),
-                )
+                expected = _torch_layout(p, now.slots[(kpath, slot)])
+                floor_value = floor_slots.get(slot, value * math.inf)  # no such slot in the floor twin: no floor
+                check("optimizer slot", f"{path} [{slot}]", f"{kpath}_{slot}", value, floor_value, expected,
+                      now.floor[("slot", kpath, slot)])  # fmt: skip
     for path, p in trainable.items():
-        check("weight", path, p.keras_variable.path, tensors[path], _torch_layout(p, now.state[p.keras_variable.path]))
-    return worst, found, compared_slots
+        kpath = p.keras_variable.path
+        expected = _torch_layout(p, now.state[kpath])
+        check("weight", path, kpath, tensors[path], floor_tensors[path], expected, now.floor[("state", kpath)])
+    return verdicts, compared_slots
+
+
+def _kind_summary(verdicts: list[_TensorVerdict], kind: str) -> tuple[float | None, float | None, float | None]:
+    """(worst error, floor and ratio of the tensor with the worst ratio) of one kind; Nones where it has none."""
+    of_kind = [v.judgement for v in verdicts if v.kind == kind]
+    if not of_kind:
+        return None, None, None
+    worst = max(of_kind, key=lambda j: (not math.isnan(j.floor_ratio), j.floor_ratio))
+    return max(j.error for j in of_kind), worst.noise_floor, worst.floor_ratio
 
 
 def verify_training(
@@ -662,11 +855,14 @@ def verify_training(
     reference: KerasRun | None = None,
     record: KerasRun | None = None,
     keep_steps: int = 0,
+    seed: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Train both twins on the same batches, compare every tensor after every step; returns the report.
 
     Both models are trained IN PLACE. ``images`` is (K, N, H, W, C) with ``labels`` (K, N), or one batch reused.
+    Each side also trains its floor twin (``conversion.noise_floor``: float64 for a float32 model, one ulp apart
+    for a float64 one) on the floor images, and every tensor is judged against its floor.
 
     Args:
         keras_optimizer / keras_loss: Keras's; default the model's compiled ones, else Nesterov SGD and sparse
@@ -674,13 +870,16 @@ def verify_training(
         torch_optimizer / torch_loss / torch_scheduler: a ready torch side (to plant a porting bug); default
             ``conversion.training.torch_optimizer`` and ``torch_loss`` of Keras's, no scheduler (the Keras rule
             carries the schedule). ``torch_scheduler.step()`` runs after each optimizer step.
-        reference: a ``KerasRun`` recorded earlier from the same initial state: Keras is not run again.
+        tolerance: the absolute bound (default TRAIN_TOLERANCE of the model's dtype).
+        reference: a ``KerasRun`` recorded earlier from the same initial state: Keras is not run again (its
+            steps carry Keras's side of the floors).
         record: a ``KerasRun`` to fill with this run's initial state and first ``keep_steps`` Keras steps.
+        seed: draws the one-ulp moves of a float64 floor twin.
         progress: called with the number of steps done.
     """
     dtype = _model_dtype(keras_model)
-    explicit_tolerance = tolerance is not None
     tolerance = TRAIN_TOLERANCE.get(dtype, TRAIN_TOLERANCE["float32"]) if tolerance is None else tolerance
+    multiple = floor_multiple(dtype)
     if reference is not None:
         keras_optimizer, keras_loss = reference.optimizer, reference.loss
     else:
@@ -691,88 +890,105 @@ def verify_training(
     head = _head_activation(keras_model)
     classes = int(keras_model.outputs[0].shape[-1]) if keras_model.outputs else torch_model.num_classes
     batches = [(x, _targets(keras_loss, y, classes, dtype)) for x, y in batches]
+    floor_batches = [(floor_images(x, seed + 1 + index), y) for index, (x, y) in enumerate(batches)]
 
     pairs = _pairs(keras_model, torch_model)
     trainable = {p.path: p for p in pairs if p.keras_variable.trainable}
     statistics = [p for p in pairs if not p.keras_variable.trainable]
     bn_layers = _bn_layers(keras_model)
-    torch_params = {path: p.torch_tensor for path, p in trainable.items()}
     if torch_loss is None:
         torch_loss = training.torch_loss(keras_loss, output_activation=head)
     if torch_optimizer is None:
         torch_optimizer = training.torch_optimizer(keras_optimizer, torch_model)
     device = next(torch_model.parameters()).device
 
+    continuing = reference is None and int(_numpy(keras_optimizer.iterations)) > 0
+    if continuing and isinstance(torch_optimizer, training.KerasRuleOptimizer):
+        training.optimizer_state_to_torch(keras_optimizer, torch_optimizer, pairs)  # a run that continues
+    side = _TorchSide(
+        torch_model,
+        torch_loss,
+        torch_optimizer,
+        torch_scheduler,
+        {path: p.torch_tensor for path, p in trainable.items()},
+    )
+    floor_side = _torch_floor_side(side, seed)
     if reference is not None:
         keras_iter: Iterator[KerasStep] = iter([reference.initial, *reference.steps[: len(batches)]])
+        keras_floor, floor_iter, floor_paths = None, None, {}
     else:
+        keras_floor, floor_iter, floor_paths = _keras_floor_steps(
+            keras_model, floor_batches, keras_optimizer, keras_loss, seed
+        )
+        next(floor_iter)  # the floor twin's initial state
         keras_iter = keras_steps(keras_model, batches, keras_optimizer, keras_loss)
     prev = next(keras_iter)
     if record is not None:
         record.optimizer, record.loss, record.initial = keras_optimizer, keras_loss, prev
-    if (
-        reference is None
-        and isinstance(torch_optimizer, training.KerasRuleOptimizer)
-        and int(_numpy(keras_optimizer.iterations)) > 0
-    ):
-        training.optimizer_state_to_torch(keras_optimizer, torch_optimizer, pairs)  # a run that continues
 
-    judge_all = explicit_tolerance or dtype == "float64"  # float32: step 0 only (see TRAIN_TOLERANCE)
     torch_model.train()
+    floor_side.model.train()
     rows: list[StepRow] = []
     first: dict | None = None
     diagnosis: dict | None = None
-    for index, (x, y) in enumerate(batches):
+    for index, ((x, y), (x_floor, _)) in enumerate(zip(batches, floor_batches, strict=True)):
         now = next(keras_iter, None)
         if now is None:
             raise InputError(f"the Keras reference has {index} steps; {len(batches)} were asked")
+        if floor_iter is not None:
+            now.floor = _keras_floor(now, next(floor_iter), floor_paths)
         if record is not None and index < keep_steps:
             record.steps.append(now)
-        xt = torch.from_numpy(nhwc_to_nchw(x)).to(device)
         yt = torch.from_numpy(np.asarray(y)).to(device)
-        t = _torch_step(torch_model, torch_loss, torch_optimizer, torch_scheduler, xt, yt, torch_params)
-        tensors = dict(torch_model.named_parameters()) | dict(torch_model.named_buffers())
+        t = _torch_step(torch_model, torch_loss, torch_optimizer, torch_scheduler,
+                        torch.from_numpy(nhwc_to_nchw(x)).to(device), yt, side.params)  # fmt: skip
+        floor_y = yt.double() if yt.is_floating_point() else yt
+        x_floor = torch.from_numpy(nhwc_to_nchw(x_floor)).to(device)
+        t_floor = _torch_step(floor_side.model, floor_side.loss, floor_side.optimizer, floor_side.scheduler,
+                              x_floor, floor_y, floor_side.params)  # fmt: skip
 
-        worst, found, compared_slots = _compare_step(now, t, trainable, statistics, tensors, torch_optimizer, tolerance)
-        loss_rel = worst["loss"]
-        judged = judge_all or index == 0
-        found = found if judged else []
-
+        verdicts, compared_slots = _compare_step(
+            now, t, t_floor, side, floor_side, trainable, statistics, tolerance, multiple
+        )
+        summaries = {kind: _kind_summary(verdicts, kind) for kind in CATEGORIES}
+        found = [v for v in verdicts if not v.judgement.ok]
         row = StepRow(
             index,
             now.learning_rate,
             now.loss,
             t.loss,
-            loss_rel,
-            worst["gradient"],
-            worst["weight"],
-            worst["batchnorm statistic"],
-            worst["optimizer slot"] if compared_slots else None,
-            not found if judged else None,
+            summaries["loss"][0],
+            summaries["gradient"][0],
+            summaries["weight"][0],
+            summaries["batchnorm statistic"][0] or 0.0,
+            summaries["optimizer slot"][0] if compared_slots else None,
+            {kind: summary[1] for kind, summary in summaries.items() if summary[1] is not None},
+            {kind: summary[2] for kind, summary in summaries.items() if summary[2] is not None},
+            [v.torch for v in verdicts if v.judgement.ill_conditioned],
+            not found,
         )
         rows.append(row)
         if found and first is None:
-            category, torch_path, keras_path, err = min(found, key=lambda f: CATEGORIES.index(f[0]))
-            first = {"step": index, "kind": category, "torch": torch_path, "keras": keras_path, "max_rel": err}
-            cause, evidence = _diagnose(
-                category,
-                torch_path,
-                keras_model,
-                keras_optimizer,
-                keras_loss,
-                head,
-                pairs,
-                bn_layers,
-                prev,
-                now,
-                t,
-                tensors,
-                np.asarray(y),
-                tolerance,
-            )
+            worst = min(found, key=lambda v: CATEGORIES.index(v.kind))
+            first = {
+                "step": index,
+                "kind": worst.kind,
+                "torch": worst.torch,
+                "keras": worst.keras,
+                "max_rel": worst.judgement.error,
+                "noise_floor": worst.judgement.noise_floor,
+                "floor_ratio": worst.judgement.floor_ratio,
+            }
+            floors = {(v.kind, v.torch): v.judgement.noise_floor for v in verdicts}
+            failing = {(v.kind, v.torch) for v in found}
+            context = _TrainDiagnosis(
+                keras_model, keras_optimizer, keras_loss, head, pairs, bn_layers, prev, now, t, t_floor,
+                side.tensors(), np.asarray(y), tolerance, multiple, floors, failing,
+            )  # fmt: skip
+            cause, evidence = _diagnose(worst.kind, worst.torch, context)
             if dtype != "float64" and cause.startswith(UNRECOGNISED):
                 cause += (
-                    f"; no porting bug reproduces it, and in {dtype} rounding grows with every step: rerun with "
+                    f"; no porting bug reproduces it in {dtype}, where rounding grows with every step: rerun with "
                     "--dtype float64 to tell a porting bug from rounding"
                 )
             diagnosis = {"cause": cause, "evidence": evidence}
@@ -780,17 +996,23 @@ def verify_training(
         if progress is not None:
             progress(index + 1)
 
-    top1 = _top1(keras_model, torch_model, [x for x, _ in batches], device) if reference is None else None
+    top1 = None
+    if reference is None:
+        top1 = _top1(keras_model, torch_model, keras_floor, floor_side.model, batches, floor_batches, device)
     torch_model.eval()
     return {
         "agree": first is None and (top1 is None or top1["agree"]),
         "reference": "keras",
         "dtype": dtype,
         "tolerance": tolerance,
+        "floor_multiple": multiple,
         "metric": "max |torch - keras| / max |keras| per tensor (the loss: |torch - keras| / |keras|), worst per step",
-        "judged_steps": "all"
-        if judge_all
-        else "step 0 (float32 runs separate by rounding afterwards; see TRAIN_TOLERANCE)",
+        "noise_floor_method": (
+            "each side against its own float64 run (same weights and images in float64)"
+            if dtype == "float32"
+            else "each side against its own run with every weight and image element one ulp apart"
+        ),
+        "judged_steps": "all",
         "batch": int(batches[0][0].shape[0]),
         "size": [int(batches[0][0].shape[1]), int(batches[0][0].shape[2])],
         "steps": len(batches),
@@ -809,6 +1031,10 @@ def verify_training(
                 ("optimizer slot", "slot_rel"),
             )
         },
+        "worst_floor_ratio": {
+            kind: max((row.floor_ratio[kind] for row in rows if kind in row.floor_ratio), default=None)
+            for kind in CATEGORIES
+        },
         "top1_after_training": top1,
         "first_divergent_step": None if first is None else first["step"],
         "first_divergent_tensor": first,
@@ -823,81 +1049,129 @@ def _describe_optimizer(optimizer: keras.optimizers.Optimizer) -> str:
         return type(optimizer).__name__
 
 
-def _diagnose(
-    category: str,
-    torch_path: str,
-    keras_model: keras.Model,
-    optimizer: keras.optimizers.Optimizer,
-    keras_loss: keras.losses.Loss,
-    head: str | None,
-    pairs: list[TensorPair],
-    bn_layers: dict,
-    prev: KerasStep,
-    now: KerasStep,
-    t: _TorchStep,
-    tensors: dict[str, torch.Tensor],
-    labels: np.ndarray,
-    tolerance: float,
-) -> tuple[str, str]:
+@dataclass
+class _TrainDiagnosis:
+    """What the diagnosis of a training divergence needs: both sides at the step, and every tensor's floor."""
+
+    keras_model: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    keras_loss: keras.losses.Loss
+    head: str | None
+    pairs: list[TensorPair]
+    bn_layers: dict
+    prev: KerasStep
+    now: KerasStep
+    t: _TorchStep
+    t_floor: _TorchStep
+    tensors: dict[str, torch.Tensor]
+    labels: np.ndarray
+    tolerance: float
+    multiple: float  # FLOOR_MULTIPLE of the compared dtype
+    floors: dict[tuple[str, str], float]  # (kind, torch name) -> the noise floor it was judged against
+    failing: set[tuple[str, str]]  # (kind, torch name) of the tensors beyond their floor and bound at this step
+
+
+def _diagnose(category: str, torch_path: str, c: _TrainDiagnosis) -> tuple[str, str]:
     """The likely cause of the first divergence, by recomputing the classic porting bugs."""
-    by_path = {p.path: p for p in pairs}
+    by_path = {p.path: p for p in c.pairs}
+    now, t = c.now, c.t
     if category == "batchnorm statistic":
         pair = by_path[torch_path]
         n = t.values_per_channel.get(torch_path.rpartition(".")[0])
-        return _diagnose_bn(pair, bn_layers[pair.keras_variable.path], prev, now, tensors, n)
+        floors = {name: floor for (kind, name), floor in c.floors.items() if kind == category}
+        layer = c.bn_layers[pair.keras_variable.path]
+        return _diagnose_bn(pair, layer, c.prev, now, c.tensors, n, floors, c.multiple)
     if category == "loss":
-        if _rel(t.output, now.y_pred) > tolerance:
+        scale = _scale(now.y_pred)
+        output_floor = now.floor.get(("y_pred",), 0.0) + _distance(t.output, c.t_floor.output) / scale
+        forward = judge(_rel(t.output, now.y_pred), output_floor, c.tolerance, c.multiple)
+        if not forward.ok:
             return (
                 "the training-mode forward differs (torch's output is not Keras's y_pred)",
-                f"output max rel err {_rel(t.output, now.y_pred):.3g}; run `resnet34-parity verify` on these weights",
+                f"output max rel err {forward.error:.3g}, {forward.floor_ratio:.3g} x its noise floor; run "
+                "`resnet34-parity verify` on these weights",
             )
-        hypotheses = _crossentropy_hypotheses(keras_loss, now.y_pred, labels, head, now.loss)
-        scored = [(abs(t.loss - value), cause) for cause, value in hypotheses.items() if value != now.loss]
-        best = min(scored, default=(math.inf, ""))
-        if best[0] <= EXPLAINED * abs(t.loss - now.loss):
-            return best[1], f"recomputed from Keras's y_pred: {t.loss:.10g} (torch) vs {now.loss:.10g} (Keras)"
-        return "the loss differs on the same output: compare the loss function", f"{t.loss!r} vs {now.loss!r}"
-    if category == "gradient":
-        keras_grads = [(by_path[p].to_torch(now.grads[by_path[p].keras_variable.path]), t.grads[p]) for p in t.grads]
-        dot = sum(float((torch.from_numpy(np.ascontiguousarray(k)) * g.cpu()).sum()) for k, g in keras_grads)
-        norm = sum(float((k.astype(np.float64) ** 2).sum()) for k, _ in keras_grads)
-        c = dot / norm if norm else math.nan
-        base = max(_rel(g, k) for k, g in keras_grads)
-        residual = max(_rel(g, c * k) for k, g in keras_grads) if math.isfinite(c) else math.inf
-        if residual <= EXPLAINED * base and abs(c - 1) > 1e-3:
-            batch = len(labels)
-            why = " (the batch size: the loss summed, not averaged)" if abs(c - batch) < 1e-6 * batch else ""
-            return f"gradients scaled by {c:.6g}{why}", "every torch gradient is a constant multiple of Keras's"
+        hypotheses = _crossentropy_hypotheses(c.keras_loss, now.y_pred, c.labels, c.head, now.loss)
+        floor = c.floors[("loss", "loss")]
+        cause = _best_explanation(
+            {cause: [Evidence(np.float64(t.loss), np.float64(now.loss), np.float64(value), floor, c.multiple)]
+             for cause, value in hypotheses.items()}
+        )  # fmt: skip
+        if cause is not None:
+            return cause, f"recomputed from Keras's y_pred: {t.loss:.10g} (torch) vs {now.loss:.10g} (Keras)"
         return (
-            "the gradients differ while the loss agrees: the backward differs (a custom autograd function, a "
-            "detached tensor, or a layer whose training-mode forward differs)",
+            f"{UNKNOWN_CAUSE}: the loss differs on the same output: compare the loss function",
+            f"{t.loss!r} vs {now.loss!r} (noise floor {floor:.2g})",
+        )
+    if category == "gradient":
+        keras_grads = {p: by_path[p].to_torch(now.grads[by_path[p].keras_variable.path]) for p in t.grads}
+        dot = sum(
+            float((torch.from_numpy(np.ascontiguousarray(k)) * t.grads[p].cpu()).sum()) for p, k in keras_grads.items()
+        )
+        norm = sum(float((k.astype(np.float64) ** 2).sum()) for k in keras_grads.values())
+        scale = dot / norm if norm else math.nan
+        if math.isfinite(scale):
+            evidence = [
+                Evidence(_as_array(t.grads[p]), k, scale * k, c.floors[("gradient", p)], c.multiple)
+                for p, k in keras_grads.items()
+            ]
+            if explains(*evidence):
+                batch = len(c.labels)
+                why = " (the batch size: the loss summed, not averaged)" if abs(scale - batch) < 1e-6 * batch else ""
+                return f"gradients scaled by {scale:.6g}{why}", "every torch gradient is a constant multiple of Keras's"
+        return (
+            f"{UNKNOWN_CAUSE}: the gradients differ while the loss agrees: the backward differs (a custom autograd "
+            "function, a detached tensor, or a layer whose training-mode forward differs)",
             f"first differing gradient: {torch_path}",
         )
     path = torch_path.split(" ")[0]  # an optimizer slot: "path [slot]"
-    pair = by_path[path]
-    if _rel(t.grads[path], pair.to_torch(now.grads[pair.keras_variable.path])) > tolerance:
+    if ("gradient", path) in c.failing:
         return "the gradients differ (see the gradient rows)", f"{path}'s gradient differs too"
-    weight = pair.to_keras(tensors[path].detach().cpu().numpy())
-    return _diagnose_optimizer(optimizer, pair, prev, now, weight)
+    pair = by_path[path]
+    weight = pair.to_keras(c.tensors[path].detach().cpu().numpy())
+    return _diagnose_optimizer(c.optimizer, pair, c.prev, now, weight, c.floors[("weight", path)], c.multiple)
 
 
-def _top1(keras_model: keras.Model, torch_model: nn.Module, batches: list[np.ndarray], device: torch.device) -> dict:
-    """Inference-mode top-1 of every sample after training, in both."""
-    torch_model.eval()
-    keras_top, torch_top = [], []
-    seen = set()
-    for x in batches:
+def _top1(
+    keras_model: keras.Model,
+    torch_model: nn.Module,
+    keras_floor: keras.Model,
+    torch_floor: nn.Module,
+    batches: list[tuple[np.ndarray, np.ndarray]],
+    floor_batches: list[tuple[np.ndarray, np.ndarray]],
+    device: torch.device,
+) -> dict:
+    """Inference-mode top-1 of every sample after training, in both, and in both floor twins.
+
+    A sample whose class differs between the two counts only where neither side's floor twin flips it too:
+    where rounding alone changes a side's answer, that answer is not the implementations' to agree on.
+    """
+
+    def keras_top(model: keras.Model, x: np.ndarray) -> np.ndarray:
+        return np.argmax(_numpy(model(x, training=False)), axis=-1)
+
+    def torch_top(model: nn.Module, x: np.ndarray) -> np.ndarray:
+        model.eval()
+        with torch.no_grad():
+            return model(torch.from_numpy(nhwc_to_nchw(x)).to(device)).argmax(-1).cpu().numpy()
+
+    seen, tops = set(), []
+    for (x, _), (x_floor, _) in zip(batches, floor_batches, strict=True):
         if id(x) in seen:
             continue
         seen.add(id(x))
-        keras_top.append(np.argmax(_numpy(keras_model(x, training=False)), axis=-1))
-        with torch.no_grad():
-            torch_top.append(torch_model(torch.from_numpy(nhwc_to_nchw(x)).to(device)).argmax(-1).cpu().numpy())
-    keras_top, torch_top = np.concatenate(keras_top), np.concatenate(torch_top)
+        tops.append(
+            (keras_top(keras_model, x), torch_top(torch_model, x), keras_top(keras_floor, x_floor),
+             torch_top(torch_floor, x_floor))
+        )  # fmt: skip
+    k, t, kf, tf = (np.concatenate(column) for column in zip(*tops, strict=True))
+    differ = k != t
+    beyond_floor = differ & (k == kf) & (t == tf)
     return {
-        "agree": bool((keras_top == torch_top).all()),
-        "samples": int(keras_top.size),
-        "differ": int((keras_top != torch_top).sum()),
+        "agree": not bool(beyond_floor.any()),
+        "samples": int(k.size),
+        "differ": int(differ.sum()),
+        "differ_beyond_floor": int(beyond_floor.sum()),
     }
 
 
@@ -928,7 +1202,8 @@ def default_optimizer(
     return keras.optimizers.RMSprop(rate, momentum=0.9, centered=True, weight_decay=wd)
 
 
-def _train_models(args: argparse.Namespace) -> tuple[keras.Model, nn.Module]:
+def _train_models(args: argparse.Namespace) -> tuple[keras.Model, nn.Module, str | None]:
+    """The Keras model that trains as the reference, its torch side, and what was cast for --dtype (or None)."""
     from conversion.files import load_keras, load_torch
 
     if getattr(args, "onnx", None):
@@ -938,14 +1213,23 @@ def _train_models(args: argparse.Namespace) -> tuple[keras.Model, nn.Module]:
         torch_model = (
             load_torch(args.torch, _head_activation(keras_model)) if args.torch else keras_to_torch(keras_model)
         )
-        return keras_model, torch_model
+        stored = _model_dtype(keras_model)
+        if args.dtype is None or args.dtype == stored:
+            return keras_model, torch_model, None
+        if args.dtype != "float64":
+            raise InputError(f"--dtype {args.dtype}: a file's weights are cast only to float64 (widening is exact)")
+        cast = keras_clone(keras_model, args.dtype)
+        compiled = getattr(keras_model, "optimizer", None)
+        if compiled is not None:  # the file's own optimizer (and its state) and loss, for the float64 model
+            cast.compile(optimizer=_optimizer_like(compiled, cast), loss=keras_model.loss)
+        return cast, torch_model.double(), f"the files' {stored} weights cast to {args.dtype} for the comparison"
     if args.torch:
         raise InputError("--train needs --keras (the reference it trains); --torch alone has no Keras optimizer")
     from conversion.hostile import randomize_weights
 
-    keras_model = keras_impl.build_resnet34(10, (None, None, 3), args.classifier_activation, args.dtype)
+    keras_model = keras_impl.build_resnet34(10, (None, None, 3), args.classifier_activation, args.dtype or "float32")
     randomize_weights(keras_model, args.seed)
-    return keras_model, keras_to_torch(keras_model)
+    return keras_model, keras_to_torch(keras_model), None
 
 
 def _train_data(args: argparse.Namespace, keras_model: keras.Model) -> tuple[np.ndarray, np.ndarray]:
@@ -964,7 +1248,11 @@ def _train_data(args: argparse.Namespace, keras_model: keras.Model) -> tuple[np.
             images = np.load(args.images, allow_pickle=False)
         except (OSError, ValueError) as error:
             raise InputError(f"{args.images}: not a readable .npy array of images ({error})") from None
-        images = check_images(images, channels, dtype, min_size=2)
+        images = check_images(images, channels, min_size=2)
+        if images.dtype != dtype:
+            if images.dtype == np.float64:
+                raise InputError(f"expected {dtype} images for a {dtype} model; received {images.dtype}")
+            images = images.astype(dtype)  # float32 images for a float64 comparison: widening is exact
         return images, rng.integers(0, classes, images.shape[0])  # the same batch every step
     images = np.stack(
         [seeded_images(batch, *size, channels, seed=args.seed + 1 + k, dtype=dtype) for k in range(args.steps)]
@@ -984,7 +1272,7 @@ def run_train_command(args: argparse.Namespace) -> int:
             raise InputError(f"{flag} must be a finite positive number; received {value}")
     console = Console(stderr=True)
     with console.status("building the models...", spinner="dots"):
-        keras_model, torch_model = _train_models(args)
+        keras_model, torch_model, cast = _train_models(args)
         images, labels = _train_data(args, keras_model)
     compiled = getattr(keras_model, "optimizer", None)
     if args.optimizer is None and compiled is not None and (args.learning_rate or args.weight_decay is not None):
@@ -1017,8 +1305,10 @@ def run_train_command(args: argparse.Namespace) -> int:
             steps=args.steps,
             keras_optimizer=optimizer,
             keras_loss=getattr(keras_model, "loss", None),
+            seed=args.seed,
             progress=lambda done: bar.update(task, completed=done),
         )
+    report["cast"] = cast
     if args.json:
         json.dump(report, sys.stdout, indent=2, allow_nan=True)
         print()
@@ -1027,48 +1317,69 @@ def run_train_command(args: argparse.Namespace) -> int:
     return 0 if report["agree"] else 1
 
 
+def _kind_cell(row: dict, key: str, kind: str) -> str:
+    """'error (ratio x)' for one tensor kind of one step."""
+    if row[key] is None:
+        return "n/a"
+    ratio = row["floor_ratio"].get(kind)
+    return f"{row[key]:.1e} ({ratio:.2g}x)" if ratio is not None else f"{row[key]:.1e}"
+
+
 def _print_report(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    cast = f", {report['cast']}" if report.get("cast") else ""
     table = Table(
-        title=f"Training step by step against Keras ({report['dtype']}, tolerance {report['tolerance']:g}, batch "
-        f"{report['batch']}, {report['size'][0]}x{report['size'][1]})",
+        title=f"Training step by step against Keras ({report['dtype']}{cast}, bound {report['tolerance']:g} or "
+        f"{report['floor_multiple']:g} x the noise floor, batch {report['batch']}, "
+        f"{report['size'][0]}x{report['size'][1]}): max rel err (its ratio to the noise floor)",
         caption=f"{report['keras_optimizer']} | loss: {report['loss']}",
     )
-    for column in ("step", "lr", "keras loss", "torch loss", "loss rel", "grads", "weights", "BN stats", "slots", ""):
+    for column in ("step", "lr", "keras loss", "loss", "grads", "weights", "BN stats", "slots", ""):
         table.add_column(column, justify="right")
     for r in report["rows"]:
+        verdict = "ok" if r["ok"] else "[red]DIVERGES[/red]"
+        if r["ill_conditioned"]:
+            verdict += f" [yellow]({len(r['ill_conditioned'])} ill-conditioned)[/yellow]"
         table.add_row(
             str(r["step"]),
             f"{r['learning_rate']:.4g}" if r["learning_rate"] is not None else "",
             f"{r['keras_loss']:.10g}",
-            f"{r['torch_loss']:.10g}",
-            f"{r['loss_rel']:.2e}",
-            f"{r['grad_rel']:.2e}",
-            f"{r['weight_rel']:.2e}",
-            f"{r['bn_rel']:.2e}",
-            "n/a" if r["slot_rel"] is None else f"{r['slot_rel']:.2e}",
-            {True: "ok", False: "[red]DIVERGES[/red]", None: "not judged"}[r["ok"]],
+            _kind_cell(r, "loss_rel", "loss"),
+            _kind_cell(r, "grad_rel", "gradient"),
+            _kind_cell(r, "weight_rel", "weight"),
+            _kind_cell(r, "bn_rel", "batchnorm statistic"),
+            _kind_cell(r, "slot_rel", "optimizer slot"),
+            verdict,
         )
     console = Console()
     console.print(table)
     top1 = report["top1_after_training"]
     if top1:
-        console.print(f"top-1 after training: {top1['samples'] - top1['differ']}/{top1['samples']} samples agree")
+        console.print(
+            f"top-1 after training: {top1['samples'] - top1['differ']}/{top1['samples']} samples agree"
+            + (
+                f" ({top1['differ'] - top1['differ_beyond_floor']} of the others flip in a floor twin too: rounding)"
+                if top1["differ"] > top1["differ_beyond_floor"]
+                else ""
+            )
+        )
     if report["agree"]:
         keys = ("loss_rel", "grad_rel", "weight_rel", "bn_rel", "slot_rel")
-        worst = max(r[k] for r in report["rows"] if r["ok"] is not None for k in keys if r[k] is not None)
+        worst = max(r[k] for r in report["rows"] for k in keys if r[k] is not None)
+        ratio = max((v for v in report["worst_floor_ratio"].values() if v is not None), default=0.0)
         console.print(
-            f"[green]AGREE[/green]: {'every step matches' if report['judged_steps'] == 'all' else 'step 0 matches'} "
-            f"Keras (judged: {report['judged_steps']}); worst max relative error {worst:.2e}"
+            f"[green]AGREE[/green]: every step matches Keras; worst max relative error {worst:.2e} (bound "
+            f"{report['tolerance']:g}), worst ratio to the noise floor {ratio:.2g} (limit {report['floor_multiple']:g})"
         )
     else:
         first, d = report["first_divergent_tensor"], report["diagnosis"] or {}
         where = (
             f"first divergent tensor at step {first['step']}: {first['kind']} {first['torch']} "
-            f"(Keras {first['keras']}), max rel err {first['max_rel']:.3g}"
+            f"(Keras {first['keras']}), max rel err {first['max_rel']:.3g}, {first['floor_ratio']:.3g} x its noise "
+            f"floor {first['noise_floor']:.2g}"
             if first
-            else "the top-1 predictions differ after training"
+            else "the top-1 predictions differ after training, beyond what rounding flips"
         )
         console.print(f"[red]DISAGREE[/red]: {where}" + (f": likely cause: {d['cause']}" if d.get("cause") else ""))

@@ -220,6 +220,11 @@ def test_planted_bug_fails_parity_and_verify_locates_it(mutation: Mutation, imag
 
     report = verify_models(keras_model, mutant, images)
     assert not report["agree"]
+    if mutation.forward_parity_fails:  # the stage where it enters is beyond its floor, by orders of magnitude
+        row = next(row["torch"] for row in report["stages"] if row["stage"] == mutation.stage)
+        assert row["local_floor_ratio"] > 100 * report["floor_multiple"], row
+    else:
+        assert report["training_check"]["floor_ratio"] > 100 * report["floor_multiple"], report["training_check"]
     assert report["first_divergent_stage"] == mutation.stage
     assert report["first_divergent_unit"] == mutation.unit
     assert report["diagnosis"]["layer"] == mutation.layer
