@@ -22,9 +22,14 @@ import numpy as np
 
 from conversion.arrays import seeded_images
 from conversion.hostile import randomize_weights
-from conversion.noise_floor import FLOOR_MULTIPLE
-from conversion.train_verify import TRAIN_OPTIMIZERS, default_optimizer, verify_training
-from conversion.verify import verify_models
+from conversion.verify import (
+    FLOOR_MULTIPLE,
+    TRAIN_OPTIMIZERS,
+    TrainingOptions,
+    default_optimizer,
+    verify_models,
+    verify_training,
+)
 from conversion.weights import keras_to_torch
 
 SIZES = ((32, 32), (17, 23), (48, 40), (97, 131), (224, 224))
@@ -42,11 +47,11 @@ def inference_ratios(dtype: str, sizes: tuple[tuple[int, int], ...], seed: int =
     worst: dict[str, float] = {}
     for height, width in sizes:
         report = verify_models(model, twin, seeded_images(2, height, width, seed=seed + 1, dtype=dtype), seed=seed)
-        if not report["agree"]:
-            raise SystemExit(f"correct twins disagree at {height}x{width} ({dtype}): {report['diagnosis']}")
-        worst[f"{height}x{width} stages"] = max(row["torch"]["floor_ratio"] for row in report["stages"])
-        if report["training_check"]["floor_ratio"] is not None:
-            worst[f"{height}x{width} BatchNorm update"] = report["training_check"]["floor_ratio"]
+        if not report:
+            raise SystemExit(f"correct twins disagree at {height}x{width} ({dtype}): {report.diagnosis}")
+        worst[f"{height}x{width} stages"] = max(row.torch.floor_ratio for row in report.stages)
+        if report.training_check.floor_ratio is not None:
+            worst[f"{height}x{width} BatchNorm update"] = report.training_check.floor_ratio
     return worst
 
 
@@ -55,15 +60,9 @@ def training_ratios(dtype: str, optimizer: str, size: tuple[int, int], steps: in
     model, twin = _twins(dtype, "softmax", seed)
     rng = np.random.default_rng(seed + 2)
     images = np.stack([seeded_images(4, *size, seed=seed + 1 + k, dtype=dtype) for k in range(steps)])
-    report = verify_training(
-        model,
-        twin,
-        images,
-        rng.integers(0, 10, (steps, 4)),
-        keras_optimizer=default_optimizer(optimizer, steps=steps),
-        seed=seed,
-    )
-    return {"agree": report["agree"], "ratios": report["worst_floor_ratio"], "worst": report["worst"]}
+    options = TrainingOptions(keras_optimizer=default_optimizer(optimizer, steps=steps), seed=seed)
+    report = verify_training(model, twin, images, rng.integers(0, 10, (steps, 4)), options)
+    return {"agree": report.agree, "ratios": report.worst_floor_ratio, "worst": report.worst}
 
 
 def main(argv: list[str] | None = None) -> int:

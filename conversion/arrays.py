@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from conversion.errors import InputError
+from conversion.errors import ConversionError, InputError
 
 # float32 twins agree to ~5e-7 and float64 twins to ~1e-15 relative to the output scale on hostile
 # weights (measured: tests/test_model_parity.py, `resnet34-parity verify --json`); these bounds leave
@@ -76,3 +76,10 @@ def check_images(images: object, channels: int = 3, dtype: str | None = None, mi
     if not np.all(np.isfinite(images)):
         raise InputError(f"expected finite images; received {int((~np.isfinite(images)).sum())} NaN/Inf values")
     return images
+
+
+def single_dtype(dtypes: set[str]) -> str:
+    """The one dtype of a model's weights; a ConversionError when they mix dtypes."""
+    if len(dtypes) != 1:
+        raise ConversionError(f"expected weights of one dtype. Received: {sorted(dtypes)}")
+    return next(iter(dtypes))

@@ -7,18 +7,23 @@ failures print one line on stderr and no traceback; nothing is left half-written
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
 from conversion.errors import UserInputError
+from conversion.verify.defaults import (  # nothing heavy: `--help` answers without TensorFlow or torch
+    DEFAULT_BATCH,
+    DEFAULT_LEARNING_RATE,
+    DEFAULT_SIZE,
+    DEFAULT_TRAIN_BATCH,
+    DEFAULT_TRAIN_SIZE,
+    DEFAULT_TRAIN_STEPS,
+    DEFAULT_WEIGHT_DECAY,
+    TRAIN_OPTIMIZERS,
+)
 
 EXIT_OK, EXIT_DISAGREE, EXIT_BAD_INPUT = 0, 1, 2
-# The command's defaults live here, where nothing heavy is imported: `--help` answers without TensorFlow.
-DEFAULT_BATCH, DEFAULT_SIZE = 2, (224, 224)  # verify
-DEFAULT_TRAIN_BATCH, DEFAULT_TRAIN_SIZE = 4, (45, 38)  # verify --train: small, odd and non-square
-TRAIN_OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "rmsprop")
-DEFAULT_LEARNING_RATE = {"sgd": 0.002, "nesterov": 0.002, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3}
-DEFAULT_WEIGHT_DECAY = 1e-4
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,7 +71,13 @@ def _add_train_arguments(verify: argparse.ArgumentParser) -> None:
         metavar="WD",
         help=f"Keras's decoupled weight decay of --optimizer (default {DEFAULT_WEIGHT_DECAY:g}; 0 disables)",
     )
-    group.add_argument("--steps", type=int, default=10, metavar="K", help="training steps (default: 10)")
+    group.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULT_TRAIN_STEPS,
+        metavar="K",
+        help=f"training steps (default: {DEFAULT_TRAIN_STEPS})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,52 +183,115 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sources(args: argparse.Namespace) -> object:
+    from conversion.verify.sources import Sources
+
+    return Sources(
+        keras=args.keras,
+        torch=args.torch,
+        onnx=args.onnx,
+        images=args.images,
+        classifier_activation=args.classifier_activation,
+        dtype=args.dtype,
+        seed=args.seed,
+        batch=args.batch,
+        size=tuple(args.size) if args.size else None,
+    )
+
+
+def _print_json(report: object) -> None:
+    json.dump(report.to_json(), sys.stdout, indent=2, allow_nan=True)
+    print()
+
+
+def _verify(args: argparse.Namespace, status: object) -> int:
+    from conversion.verify.report import print_verify_report
+    from conversion.verify.sources import verify_sources
+
+    with status("building and comparing the models...", spinner="dots"):
+        report = verify_sources(_sources(args))
+    if args.json:
+        _print_json(report)
+    else:
+        print_verify_report(report)
+    return EXIT_OK if report else EXIT_DISAGREE
+
+
+def _verify_train(args: argparse.Namespace, console: object) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from conversion.verify.report import print_training_report
+    from conversion.verify.sources import TrainingChoice, prepare_training
+
+    choice = TrainingChoice(args.optimizer, args.learning_rate, args.weight_decay, args.steps)
+    with console.status("building the models...", spinner="dots"):
+        prepared = prepare_training(_sources(args), choice)
+    with Progress(
+        TextColumn("training both twins and their floor twins"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("steps", total=args.steps)
+        report = prepared.run(progress=lambda done: bar.update(task, completed=done))
+    if args.json:
+        _print_json(report)
+    else:
+        print_training_report(report)
+    return EXIT_OK if report else EXIT_DISAGREE
+
+
+def _convert(args: argparse.Namespace, status: object) -> int:
+    from conversion.files import convert_file
+
+    with status(f"converting {args.src} -> {args.dst}...", spinner="dots"):
+        written, change = convert_file(
+            args.src,
+            args.dst,
+            input_size=tuple(args.input_size) if args.input_size else None,
+            classifier_activation=args.classifier_activation,
+            convention=args.convention,
+        )
+    print(f"wrote {written}")
+    if change:
+        before, after = change["convention"]
+        print(
+            f"convention {before} -> {after}: the weights are unchanged but the function is not; on "
+            f"{change['images']}: logits max rel err {change['logits_max_rel_err']:.3g}, top-1 agreement "
+            f"{change['top1_agreement']:.0%}"
+        )
+    return EXIT_OK
+
+
+def _export_onnx(args: argparse.Namespace, status: object) -> int:
+    from conversion.files import load_model
+    from conversion.onnx_export import export_onnx
+    from conversion.weights import torch_to_keras
+
+    with status(f"exporting {args.model} through tf2onnx (~25 s)...", spinner="dots"):
+        size = tuple(args.size) if args.size else None
+        model = load_model(args.model)
+        if not hasattr(model, "input_shape"):  # a torch file: its Keras twin, same convention
+            model = torch_to_keras(model, (None, None, model.in_channels))
+        written = export_onnx(model, args.out, opset=args.opset, nchw=args.nchw, size=size)
+    print(f"wrote {written}")
+    return EXIT_OK
+
+
 def _run(args: argparse.Namespace) -> int:
     # Imported here so `--help` and usage errors answer without loading TensorFlow and torch.
     from rich.console import Console
 
-    status = Console(stderr=True).status
+    console = Console(stderr=True)
     if args.command == "verify" and args.train:
-        from conversion.train_verify import run_train_command
-
-        return run_train_command(args)
+        return _verify_train(args, console)
     if args.command == "verify":
-        from conversion.verify import run_verify_command
-
-        return run_verify_command(args)
+        return _verify(args, console.status)
     if args.command == "convert":
-        from conversion.files import convert_file
-
-        with status(f"converting {args.src} -> {args.dst}...", spinner="dots"):
-            written, change = convert_file(
-                args.src,
-                args.dst,
-                input_size=tuple(args.input_size) if args.input_size else None,
-                classifier_activation=args.classifier_activation,
-                convention=args.convention,
-            )
-        print(f"wrote {written}")
-        if change:
-            before, after = change["convention"]
-            print(
-                f"convention {before} -> {after}: the weights are unchanged but the function is not; on "
-                f"{change['images']}: logits max rel err {change['logits_max_rel_err']:.3g}, top-1 agreement "
-                f"{change['top1_agreement']:.0%}"
-            )
-        return EXIT_OK
+        return _convert(args, console.status)
     if args.command == "export-onnx":
-        from conversion.files import load_model
-        from conversion.onnx_export import export_onnx
-        from conversion.weights import torch_to_keras
-
-        with status(f"exporting {args.model} through tf2onnx (~25 s)...", spinner="dots"):
-            size = tuple(args.size) if args.size else None
-            model = load_model(args.model)
-            if not hasattr(model, "input_shape"):  # a torch file: its Keras twin, same convention
-                model = torch_to_keras(model, (None, None, model.in_channels))
-            written = export_onnx(model, args.out, opset=args.opset, nchw=args.nchw, size=size)
-        print(f"wrote {written}")
-        return EXIT_OK
+        return _export_onnx(args, console.status)
     raise AssertionError(args.command)
 
 

@@ -30,16 +30,15 @@ import torch
 import keras_impl
 import torch_impl
 from conversion.errors import ConversionError, WeightFileError
-from conversion.weights import (
+from conversion.keras_reader import read_keras
+from conversion.state_dicts import (
     function_change,
-    keras_to_torch,
-    read_keras,
     state_dict_convention,
-    torch_to_keras,
     torchvision_state_dict,
     twin_from_state_dict,
     with_convention,
 )
+from conversion.weights import keras_to_torch, torch_to_keras
 
 KERAS_SUFFIXES = (".keras", ".weights.h5", ".h5")
 TORCH_SUFFIXES = (".pt", ".pth", ".safetensors")
@@ -353,7 +352,7 @@ def convert_file(
     """Convert between any two of .keras, .h5, .weights.h5, .pt, .pth and .safetensors (atomic write).
 
     Returns the written path and, where ``convention`` changes the source's on purpose, how much the function
-    changed (``conversion.weights.function_change``); None when the function is kept.
+    changed (``conversion.state_dicts.function_change``); None when the function is kept.
     ``input_size`` (H, W) fixes a Keras destination's input size (default: the source's, or any size).
     """
     dst_kind = file_kind(dst)

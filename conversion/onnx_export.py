@@ -27,7 +27,7 @@ from conversion.arrays import check_images, nhwc_to_nchw
 from conversion.errors import ExportError, InputError
 
 if TYPE_CHECKING:  # the module keeps its imports light: run_onnx serves consumers without TensorFlow
-    from conversion.weights import KerasResNet
+    from conversion.keras_reader import KerasResNet
 
 # tf2onnx's preferred opset (its `PREFERRED_OPSET`), used for both exports so the files compare op for op.
 DEFAULT_OPSET = 15
@@ -127,7 +127,7 @@ def _check_keras_resnet34(model: Any) -> KerasResNet:
     import keras
 
     from conversion.errors import ConversionError
-    from conversion.weights import read_keras
+    from conversion.keras_reader import read_keras
 
     if not isinstance(model, keras.Model):
         raise ExportError(f"expected a Keras ResNet-34 model. Received: {type(model).__name__}")

@@ -25,7 +25,7 @@ import torch_impl
 from conversion.arrays import TOLERANCE, max_rel_err, nhwc_to_nchw, seeded_images
 from conversion.errors import ConversionError, UserInputError, WeightFileError
 from conversion.hostile import randomize_weights
-from conversion.weights import twin_from_state_dict as state_dict_to_torch
+from conversion.state_dicts import twin_from_state_dict as state_dict_to_torch
 from torch_impl.layers import batch_norm
 
 

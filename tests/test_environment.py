@@ -1,4 +1,5 @@
-"""Process-level guarantees: the TensorFlow/triton import order, and backend-agnostic Keras code."""
+"""Process-level guarantees: TensorFlow and triton in one process whatever the import order around ours, a CLI that
+answers --help without TensorFlow or torch, and backend-agnostic Keras code."""
 
 from __future__ import annotations
 
@@ -26,7 +27,36 @@ print(keras.backend.backend(), max_rel_err(torch_logits, keras.ops.convert_to_nu
 
 # TensorFlow, the default backend, is what every in-process test runs on (float64 parity ~1e-15 there).
 BACKENDS = ["torch"] + (["jax"] if importlib.util.find_spec("jax") else [])
-IMPORT_ORDER = "import keras_impl, tensorflow, torch, torch._dynamo; print('alive')"
+# Ours first (the README's order, and isort's: conversion sorts before keras), then what a user imports; torchvision
+# loads triton through torch._dynamo. Then TensorFlow first, which holds its LLVM globally: triton must be refused
+# with an ImportError (torch then runs without it), never crash the process.
+OURS_FIRST = """
+import conversion, keras, keras_impl, torch, torchvision, sys
+import torch._dynamo
+print("alive", "triton" in sys.modules)
+"""
+TENSORFLOW_FIRST = """
+import keras, keras_impl, torch, torchvision, sys
+try:
+    import triton
+except ImportError as error:
+    print("refused:", error)
+print("alive", "triton" in sys.modules)
+"""
+# The command's --help and each subcommand's: how long, and whether TensorFlow or torch got imported.
+HELP = """
+import sys, time
+start = time.perf_counter()
+from conversion.cli import main
+for argv in (["--help"], ["verify", "--help"], ["convert", "--help"], ["export-onnx", "--help"]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+heavy = sorted(m for m in ("tensorflow", "torch", "keras", "jax") if m in sys.modules)
+print("seconds", time.perf_counter() - start, "heavy", ",".join(heavy) or "none", file=sys.stderr)
+"""
+TRITON = importlib.util.find_spec("triton") is not None
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +72,7 @@ def processes() -> dict[str, subprocess.Popen]:
             env={**os.environ, **env},
         )
 
-    started = {"import-order": start(IMPORT_ORDER)}
+    started = {"ours-first": start(OURS_FIRST), "tensorflow-first": start(TENSORFLOW_FIRST), "help": start(HELP)}
     for backend in BACKENDS:
         started[backend] = start(_PARITY_SCRIPT.format(dtype="float64"), KERAS_BACKEND=backend, JAX_ENABLE_X64="1")
     yield started
@@ -55,11 +85,28 @@ def _result(processes: dict[str, subprocess.Popen], name: str) -> tuple[int, str
     return processes[name].returncode, stdout, stderr
 
 
-def test_importing_keras_impl_first_makes_tensorflow_and_triton_safe_together(processes):
-    """With torch's CUDA build, `import tensorflow, triton` segfaults (PITFALLS.md); keras_impl loads
-    triton first. torch._dynamo loads triton lazily, which is how a user would trip over it."""
-    code, stdout, stderr = _result(processes, "import-order")
-    assert code == 0 and "alive" in stdout, (code, stderr[-2000:])
+def test_our_packages_first_let_tensorflow_and_triton_share_the_process(processes):
+    """With torch's CUDA build, loading triton after TensorFlow 2.20+ segfaults (TensorFlow loads its core library
+    RTLD_GLOBAL, and triton binds its LLVM calls to TensorFlow's; docs/pitfalls.md). Imported first, keras_impl or
+    conversion make TensorFlow load RTLD_LOCAL: triton then loads after it, as torchvision does, and works."""
+    code, stdout, stderr = _result(processes, "ours-first")
+    assert code == 0 and stdout.split() == ["alive", str(TRITON)], (code, stdout, stderr[-2000:])
+
+
+def test_after_a_global_tensorflow_triton_is_refused_in_one_line_instead_of_crashing(processes):
+    code, stdout, stderr = _result(processes, "tensorflow-first")
+    assert code == 0 and stdout.splitlines()[-1] == "alive False", (code, stdout, stderr[-2000:])
+    if TRITON:
+        refusal = stdout.splitlines()[0]
+        assert refusal.startswith("refused: triton is not loaded in this process") and refusal.count("\n") == 0
+
+
+def test_help_answers_in_under_a_second_without_tensorflow_or_torch(processes):
+    code, _, stderr = _result(processes, "help")
+    assert code == 0, stderr
+    _, seconds, _, heavy = stderr.split()[-4:]
+    assert heavy == "none", stderr
+    assert float(seconds) < 1.0, stderr  # measured here: ~0.05 s for the four
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -24,20 +24,19 @@ sys.path.insert(0, {tests!r})
 import numpy as np, torch
 from conftest import make_twins
 from conversion.arrays import seeded_images
-from conversion.verify import verify_models
-from conversion.train_verify import default_optimizer, verify_training
+from conversion.verify import TrainingOptions, default_optimizer, verify_models, verify_training
 
 def emit(name, **fields):
     print(json.dumps({{"case": name, **fields}}), flush=True)
 
 keras_model, twin = make_twins("float32")
 for size in [(32, 32), (17, 23)]:
-    report = verify_models(keras_model, twin, seeded_images(2, *size, seed=1))
+    report = verify_models(keras_model, twin, seeded_images(2, *size, seed=1)).to_json()
     emit(f"verify-{{size[0]}}x{{size[1]}}", agree=report["agree"], diagnosis=report["diagnosis"],
          training=report["training_check"])
 mutant = copy.deepcopy(twin)
 mutant.unit_5.main_layers[1].eps = 1e-5  # planted: torch's BatchNorm epsilon
-report = verify_models(keras_model, mutant, seeded_images(2, 17, 23, seed=1))
+report = verify_models(keras_model, mutant, seeded_images(2, 17, 23, seed=1)).to_json()
 emit("verify-planted-epsilon", agree=report["agree"], stage=report["first_divergent_stage"],
      diagnosis=report["diagnosis"])
 
@@ -45,7 +44,8 @@ images = np.stack([seeded_images(4, 45, 38, seed=1 + k) for k in range(2)])
 labels = np.random.default_rng(2).integers(0, 10, (2, 4))
 model, torch_model = make_twins("float32", classifier_activation="softmax")
 pristine = copy.deepcopy(torch_model), model.get_weights()
-report = verify_training(model, torch_model, images, labels, keras_optimizer=default_optimizer("adam", steps=2))
+options = TrainingOptions(keras_optimizer=default_optimizer("adam", steps=2))
+report = verify_training(model, torch_model, images, labels, options).to_json()
 emit("train-float32-adam", agree=report["agree"], first=report["first_divergent_tensor"],
      ratios=report["worst_floor_ratio"])
 torch_model = pristine[0]
@@ -53,7 +53,8 @@ model.set_weights(pristine[1])
 for module in torch_model.modules():
     if isinstance(module, torch.nn.BatchNorm2d):
         module.momentum = 0.99  # planted: Keras's momentum given to torch unconverted
-report = verify_training(model, torch_model, images[:1], labels[:1], keras_optimizer=default_optimizer("nesterov"))
+options = TrainingOptions(keras_optimizer=default_optimizer("nesterov"))
+report = verify_training(model, torch_model, images[:1], labels[:1], options).to_json()
 emit("train-planted-momentum", agree=report["agree"], first=report["first_divergent_tensor"],
      diagnosis=report["diagnosis"])
 """
@@ -95,7 +96,7 @@ def test_verdicts_hold_with_onednn_on_and_off(probes, setting):
     assert row["agree"], row
     planted = verdicts["verify-planted-epsilon"]
     assert not planted["agree"] and planted["stage"] == "unit_5", planted
-    assert "epsilon 1e-5" in planted["diagnosis"]["cause"], planted
+    assert planted["diagnosis"]["cause_id"] == "BN_EPSILON", planted
     momentum = verdicts["train-planted-momentum"]
     assert not momentum["agree"] and momentum["first"]["kind"] == "batchnorm statistic", momentum
-    assert "momentum passed unconverted" in momentum["diagnosis"]["cause"], momentum
+    assert momentum["diagnosis"]["cause_id"] == "BN_MOMENTUM_UNCONVERTED", momentum

@@ -18,7 +18,7 @@ from conftest import make_twins
 from torch import nn
 
 from conversion.arrays import TOLERANCE, max_rel_err, nhwc_to_nchw, seeded_images
-from conversion.verify import verify_models
+from conversion.verify import Cause, verify_models
 from torch_impl.padding import pad_same
 
 TOL = TOLERANCE["float32"]
@@ -81,7 +81,7 @@ class Mutation:
     stage: str  # where verify must place the origin
     unit: int | None
     layer: str | None
-    cause: str  # a phrase the diagnosis must contain
+    cause: Cause  # what the diagnosis must name
     forward_parity_fails: bool = True  # (j) shows only in training mode
 
 
@@ -93,7 +93,7 @@ MUTATIONS = [
         "unit_7",
         7,
         "main_layers.0",
-        "symmetric padding",
+        Cause.SYMMETRIC_PADDING,
     ),
     Mutation(
         "b-zero-padded-max-pool",
@@ -102,7 +102,7 @@ MUTATIONS = [
         "stem",
         None,
         "stem_pool",
-        "padded with zeros",
+        Cause.MAX_POOL_ZERO_PADDING,
     ),
     Mutation(
         "c-batchnorm-epsilon-1e-5",
@@ -111,7 +111,7 @@ MUTATIONS = [
         "unit_5",
         5,
         "main_layers.1",
-        "epsilon 1e-5",
+        Cause.BN_EPSILON,
     ),
     Mutation(
         "d-running-mean-and-variance-swapped",
@@ -120,7 +120,7 @@ MUTATIONS = [
         "unit_9",
         9,
         "main_layers.4",
-        "mean and variance swapped",
+        Cause.BN_MEAN_VARIANCE_SWAPPED,
     ),
     Mutation(
         "e-conv-kernel-h-and-w-swapped",
@@ -129,7 +129,7 @@ MUTATIONS = [
         "unit_12",
         12,
         "main_layers.3",
-        "H and W swapped",
+        Cause.KERNEL_HW_SWAPPED,
     ),
     Mutation(
         "f-dense-kernel-not-transposed",
@@ -138,7 +138,7 @@ MUTATIONS = [
         "logits",
         None,
         "classifier",
-        "not transposed",
+        Cause.DENSE_NOT_TRANSPOSED,
     ),
     Mutation(
         "g-projection-without-batchnorm",
@@ -147,7 +147,7 @@ MUTATIONS = [
         "unit_3",
         3,
         "skip_layers",
-        "a layer is missing",
+        Cause.LAYER_MISSING,
     ),
     Mutation(
         "h-nhwc-input-fed-as-nchw",
@@ -156,7 +156,7 @@ MUTATIONS = [
         "stem",
         None,
         "stem_conv",
-        "layout mix-up",
+        Cause.LAYOUT_MIXUP,
     ),
     Mutation(
         "i-softmax-applied-twice",
@@ -165,7 +165,7 @@ MUTATIONS = [
         "output",
         None,
         "classifier",
-        "applied twice",
+        Cause.ACTIVATION_TWICE,
     ),
     Mutation(
         "i-softmax-missing",
@@ -174,7 +174,7 @@ MUTATIONS = [
         "output",
         None,
         "classifier",
-        "missing",
+        Cause.ACTIVATION_MISSING,
     ),
     Mutation(
         "j-batchnorm-momentum-inverted",
@@ -183,7 +183,7 @@ MUTATIONS = [
         "unit_10",
         10,
         "main_layers.1",
-        "momentum convention inverted",
+        Cause.BN_MOMENTUM_UNCONVERTED,
         forward_parity_fails=False,
     ),
 ]
@@ -199,8 +199,8 @@ def _final_outputs(keras_model, torch_model, images: np.ndarray) -> tuple[np.nda
 def test_unmutated_twins_pass(twins, images, request):
     keras_model, torch_model = request.getfixturevalue(twins)
     report = verify_models(keras_model, torch_model, images)
-    assert report["agree"], report["diagnosis"]
-    assert report["first_divergent_unit"] is None and report["first_divergent_stage"] is None
+    assert report, report.diagnosis
+    assert report.first_divergent_unit is None and report.first_divergent_stage is None
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS, ids=[m.id for m in MUTATIONS])
@@ -219,13 +219,13 @@ def test_planted_bug_fails_parity_and_verify_locates_it(mutation: Mutation, imag
         assert max_rel_err(mutant_out, keras_out) <= TOL
 
     report = verify_models(keras_model, mutant, images)
-    assert not report["agree"]
+    assert not report
     if mutation.forward_parity_fails:  # the stage where it enters is beyond its floor, by orders of magnitude
-        row = next(row["torch"] for row in report["stages"] if row["stage"] == mutation.stage)
-        assert row["local_floor_ratio"] > 100 * report["floor_multiple"], row
+        row = next(row.torch for row in report.stages if row.stage == mutation.stage)
+        assert row.local_floor_ratio > 100 * report.floor_multiple, row
     else:
-        assert report["training_check"]["floor_ratio"] > 100 * report["floor_multiple"], report["training_check"]
-    assert report["first_divergent_stage"] == mutation.stage
-    assert report["first_divergent_unit"] == mutation.unit
-    assert report["diagnosis"]["layer"] == mutation.layer
-    assert mutation.cause in report["diagnosis"]["cause"], report["diagnosis"]
+        assert report.training_check.floor_ratio > 100 * report.floor_multiple, report.training_check
+    assert report.first_divergent_stage == mutation.stage
+    assert report.first_divergent_unit == mutation.unit
+    assert report.diagnosis.layer == mutation.layer
+    assert report.diagnosis.cause is mutation.cause, report.diagnosis

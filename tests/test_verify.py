@@ -12,7 +12,8 @@ import torch
 from conversion.arrays import TOLERANCE, max_rel_err, nhwc_to_nchw, seeded_images
 from conversion.cli import main
 from conversion.files import load_torch, save_keras, save_torch
-from conversion.verify import UNIT_COUNT, restored_batchnorm_statistics, verify_models
+from conversion.structure import UNIT_COUNT
+from conversion.verify import Cause, restored_batchnorm_statistics, verify_models
 
 STAGES = ["stem", *(f"unit_{i}" for i in range(UNIT_COUNT)), "pooled", "logits"]
 
@@ -74,7 +75,7 @@ def test_verify_reads_files_and_reports_the_unit_a_corrupted_file_breaks(capsys,
     code, report = _verify_json(capsys, "--keras", str(keras_file), "--torch", str(broken), "--size", "32", "32")
     assert code == 1 and not report["agree"]
     assert report["first_divergent_unit"] == 9
-    assert "mean and variance swapped" in report["diagnosis"]["cause"]
+    assert report["diagnosis"]["cause_id"] == Cause.BN_MEAN_VARIANCE_SWAPPED.name
 
 
 def test_dtype_float64_casts_a_files_weights_and_says_so(capsys, twin_files):
@@ -106,8 +107,8 @@ def test_training_mode_updates_moving_statistics_like_keras(twins_f32):
     keras_model, torch_model = twins_f32
     images = seeded_images(2, 64, 64, seed=3)
     report = verify_models(keras_model, torch_model, images)
-    assert report["training_check"]["ok"], report["training_check"]
-    assert report["training_check"]["max_rel"] <= 1e-5
+    assert report.training_check.ok, report.training_check
+    assert report.training_check.max_rel <= 1e-5
 
     keras_bn = keras_model.get_layer("unit_15").main_layers[4]
     old_var = np.array(keras_bn.moving_variance)
@@ -129,9 +130,10 @@ def test_training_mode_updates_moving_statistics_like_keras(twins_f32):
         swapped.load_state_dict(old.state_dict())
         bn_parent[index] = swapped.eval()
     failing = verify_models(keras_model, plain, images)  # trains a copy; `plain` keeps its statistics
-    assert not failing["agree"]
-    assert failing["training_check"]["first_divergent_layer"] == "unit_15.main_layers.4"
-    assert "unbiased" in failing["training_check"]["cause"]
+    assert not failing
+    assert failing.training_check.first_divergent_layer == "unit_15.main_layers.4"
+    assert failing.training_check.diagnosis.cause is Cause.BN_UNBIASED_VARIANCE
+    assert failing.diagnosis.detail == "factor n/(n-1) = 8/7"
     plain.train()
     with torch.no_grad():
         plain(torch.from_numpy(nhwc_to_nchw(images)))

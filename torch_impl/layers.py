@@ -94,5 +94,9 @@ class Dense(nn.Linear):
         super().__init__(in_features, units)
         self.activation = activation(activation_name)
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The affine part alone: what the activation is applied to."""
+        return F.linear(x, self.weight, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(super().forward(x))
+        return self.activation(self.logits(x))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 
+import torch
 from torch import nn
 
 from torch_impl.initializers import initialize_like_keras
@@ -73,6 +74,20 @@ class ResNet34(nn.Sequential):
         for child in self.children():  # each unit initialised itself already
             if not isinstance(child, ResidualUnit):
                 initialize_like_keras(child, kernel_initializer)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The feature map after the last residual unit: (N, 512, H/32, W/32)."""
+        for name, module in self.named_children():
+            if name == "avg_pool":
+                return x
+            x = module(x)
+        raise AssertionError("ResNet34 has an avg_pool child")
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """From ``forward_features``' map: the pooled features (``pre_logits``), else the logits, i.e. the Dense
+        head without its activation (what a softmax head's probabilities are computed from)."""
+        x = self.flatten(self.avg_pool(x))
+        return x if pre_logits else self.classifier.logits(x)
 
     def __getitem__(self, index: int | slice) -> nn.Module:
         # nn.Sequential rebuilds a slice with its own class, whose constructor is not ours: slices are plain.

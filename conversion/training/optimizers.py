@@ -1,4 +1,4 @@
-"""Training semantics of both frameworks: optimizers, their state, and the crossentropy losses.
+"""Keras's optimizers in torch, exactly, and back where an exact equivalent exists.
 
 What Keras 3 (TensorFlow backend) computes, read from its source and reproduced here:
 
@@ -6,7 +6,7 @@ What Keras 3 (TensorFlow backend) computes, read from its source and reproduced 
   or ``clipvalue``), then decoupled weight decay on every variable ``w -= w * wd * lr`` (nothing excluded
   unless ``exclude_from_weight_decay`` was called), then the update rule, then ``iterations += 1``. The
   learning rate is the schedule at ``iterations`` before the increment; Adam's step is ``iterations + 1``.
-- Update rules (``m``, ``v``: Keras's slots; torch keeps other quantities, see PITFALLS.md):
+- Update rules (``m``, ``v``: Keras's slots; torch keeps other quantities, see docs/pitfalls.md):
   SGD ``m = momentum*m - lr*g; w += m`` (nesterov ``w += momentum*m - lr*g``);
   Adam ``m += (g - m)*(1 - b1); v += (g*g - v)*(1 - b2); w -= m*alpha / (sqrt(v) + eps)`` with
   ``alpha = lr*sqrt(1 - b2^t) / (1 - b1^t)``; RMSprop ``v = rho*v + (1 - rho)*g*g``,
@@ -28,7 +28,7 @@ steps, and only the TensorFlow backend's roundings are reproduced.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import keras
@@ -41,8 +41,9 @@ from conversion.errors import ConversionError
 from conversion.weights import TensorPair
 
 SUPPORTED_KERAS_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
+
 SUPPORTED_SCHEDULES = ("constant", "ExponentialDecay", "PiecewiseConstantDecay", "CosineDecay")
-SUPPORTED_LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy")
+
 SUPPORTED_TORCH_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
 
 _KERAS_OPTIMIZER_CLASSES = {
@@ -51,16 +52,12 @@ _KERAS_OPTIMIZER_CLASSES = {
     keras.optimizers.AdamW: "AdamW",
     keras.optimizers.RMSprop: "RMSprop",
 }
+
 _SCHEDULE_CLASSES = {
     keras.optimizers.schedules.ExponentialDecay: "ExponentialDecay",
     keras.optimizers.schedules.PiecewiseConstantDecay: "PiecewiseConstantDecay",
     keras.optimizers.schedules.CosineDecay: "CosineDecay",
 }
-
-
-# ---------------------------------------------------------------------------------------------------
-# The rule: a Keras optimizer's configuration, checked
-# ---------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,11 +223,6 @@ def keras_rule(keras_optimizer: keras.optimizers.Optimizer) -> KerasRule:
         epsilon=num("epsilon"),
         centered=bool(keras_optimizer.centered),
     )
-
-
-# ---------------------------------------------------------------------------------------------------
-# The torch optimizer that steps like Keras
-# ---------------------------------------------------------------------------------------------------
 
 
 def _through_float32(value: float) -> float:
@@ -422,11 +414,6 @@ def torch_optimizer(keras_optimizer: keras.optimizers.Optimizer, torch_model: nn
     return KerasRuleOptimizer(params, rule)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Optimizer state, both ways
-# ---------------------------------------------------------------------------------------------------
-
-
 def _slot_plan(
     keras_optimizer: keras.optimizers.Optimizer, torch_opt: KerasRuleOptimizer, pairs: Sequence[TensorPair]
 ) -> list[tuple[TensorPair, str, keras.Variable]]:
@@ -526,249 +513,6 @@ def optimizer_state_to_keras(
     if torch_opt.rule.schedule is None and isinstance(keras_optimizer._learning_rate, keras.Variable):
         keras_optimizer._learning_rate.assign(float(torch_opt.param_groups[0]["lr"]))
 
-
-# ---------------------------------------------------------------------------------------------------
-# Losses
-# ---------------------------------------------------------------------------------------------------
-
-CASE_LOGITS = "log-softmax cross-entropy of the output (it is logits)"
-CASE_LOGITS_BEHIND_SOFTMAX = "log-softmax cross-entropy of the logits behind the softmax (TensorFlow's _keras_logits)"
-CASE_DOUBLE_SOFTMAX = "log-softmax cross-entropy of the softmax output (a double softmax, as Keras computes here)"
-CASE_TF_CLIPPED = "TensorFlow's crossentropy of probabilities clipped to [eps, 1 - eps]"
-CASE_CLIPPED = "crossentropy of probabilities normalised, then clipped to [eps, 1 - eps] (JAX/torch backends)"
-
-
-@dataclasses.dataclass(frozen=True)
-class TorchLoss:
-    """A Keras crossentropy loss reproduced in torch; call it as ``loss(output, target, logits=None)``.
-
-    Which computation Keras does depends on the backend, the head and whether the model's output reaches
-    the loss in the loss's own dtype (Keras first casts ``y_pred`` to the loss dtype, and on TensorFlow that
-    cast drops the softmax's ``_keras_logits``: a float64 model with a default float32 loss gets clipped
-    probabilities, not the logits). ``case(output_dtype)`` and ``describe(output_dtype)`` say which.
-
-    Attributes:
-        name: "sparse_categorical_crossentropy" or "categorical_crossentropy".
-        from_logits: the loss's ``from_logits``.
-        output_activation: the model head's activation: "softmax" or None (logits).
-        backend: the Keras backend whose computation is reproduced.
-        dtype: the Keras loss dtype (floatx unless the loss was made with ``dtype=``): the loss is computed
-            in it, so a float64 comparison needs a float64 Keras loss (see ``keras_loss_with_dtype``).
-        reduction: "sum_over_batch_size" (the mean over samples) or "sum".
-        epsilon: ``keras.config.epsilon()`` when made (the clip bound).
-        report_dtype: floatx when made: ``train_on_batch``/``fit`` report the loss cast to it (Keras's
-            CompileLoss), so their reported loss of a float64 model is float32-rounded unless floatx is float64;
-            the gradients are not affected.
-    """
-
-    name: str
-    from_logits: bool
-    output_activation: str | None
-    backend: str
-    dtype: torch.dtype
-    reduction: str
-    epsilon: float
-    report_dtype: torch.dtype
-
-    def case(self, output_dtype: torch.dtype | str | None = None) -> str:
-        """Which computation Keras does for a model output of ``output_dtype`` (default: the loss dtype)."""
-        same_dtype = output_dtype is None or _torch_dtype(output_dtype) == self.dtype
-        if self.output_activation == "softmax" and self.backend == "tensorflow" and same_dtype:
-            return CASE_LOGITS_BEHIND_SOFTMAX
-        if self.from_logits:
-            return CASE_DOUBLE_SOFTMAX if self.output_activation == "softmax" else CASE_LOGITS
-        return CASE_TF_CLIPPED if self.backend == "tensorflow" else CASE_CLIPPED
-
-    def describe(self, output_dtype: torch.dtype | str | None = None) -> str:
-        """One line: the loss, the case in use and the dtype it is computed in."""
-        return (
-            f"{self.name}(from_logits={self.from_logits}) on a {self.output_activation or 'logits'} head, "
-            f"{self.backend} backend, computed in {str(self.dtype).removeprefix('torch.')}, "
-            f"{self.reduction}{' (float32 mean: Keras torch backend)' if self.backend == 'torch' else ''}: "
-            f"{self.case(output_dtype)}"
-        )
-
-    def __call__(
-        self, output: torch.Tensor, target: torch.Tensor, *, logits: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The reduced loss, in ``self.dtype``.
-
-        Args:
-            output: the model's output (probabilities with a softmax head, else logits).
-            target: class indices (N,) or (N, 1) for the sparse loss; one-hot or soft labels (N, C) otherwise.
-            logits: the input of the head's softmax (see ``forward_with_logits``); required in the case
-                ``CASE_LOGITS_BEHIND_SOFTMAX``, ignored otherwise.
-        """
-        case = self.case(output.dtype)
-        if case == CASE_LOGITS_BEHIND_SOFTMAX:
-            if logits is None:
-                raise ConversionError(
-                    "this loss uses the logits behind the softmax (TensorFlow); pass logits= "
-                    "(from conversion.training.forward_with_logits)"
-                )
-            scores = logits.to(self.dtype)
-        else:
-            scores = output.to(self.dtype)  # Keras casts y_pred to the loss dtype first
-        sparse = self.name == "sparse_categorical_crossentropy"
-        if sparse:
-            labels = target.reshape(target.shape[:-1]) if target.dim() == scores.dim() else target
-            labels = labels.long()
-        else:
-            labels = target.to(self.dtype)
-        if case in (CASE_LOGITS, CASE_LOGITS_BEHIND_SOFTMAX, CASE_DOUBLE_SOFTMAX):
-            log_prob = torch.log_softmax(scores, dim=-1)
-        elif case == CASE_TF_CLIPPED and sparse:
-            # clip, log, then sparse softmax cross-entropy of those logs: -log(p_y / sum(p)), p clipped
-            log_prob = torch.log_softmax(torch.log(torch.clamp(scores, self.epsilon, 1 - self.epsilon)), dim=-1)
-        else:  # normalise, clip, log (TensorFlow's dense loss, and every loss on JAX/torch)
-            normalised = scores / scores.sum(dim=-1, keepdim=True)
-            log_prob = torch.log(torch.clamp(normalised, self.epsilon, 1.0 - self.epsilon))
-        if sparse:
-            per_sample = -log_prob.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        else:
-            per_sample = -(labels * log_prob).sum(dim=-1)
-        total = per_sample.sum()
-        if self.reduction == "sum":
-            return total
-        dtype = self.dtype
-        if self.backend == "torch":
-            # Keras's torch backend: divide_no_nan's result_type(torch.float64, torch.float64, float) is "float32"
-            # (torch dtypes are not in Keras's lattice), so the mean is float32(sum) / n in float32.
-            total, dtype = total.to(torch.float32), torch.float32
-        return total / torch.tensor(float(per_sample.numel()), dtype=dtype, device=total.device)
-
-
-def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    return getattr(torch, keras.backend.standardize_dtype(dtype))
-
-
-_LOSS_FUNCTIONS = {
-    keras.losses.sparse_categorical_crossentropy: "sparse_categorical_crossentropy",
-    keras.losses.categorical_crossentropy: "categorical_crossentropy",
-}
-_LOSS_CLASSES = {
-    keras.losses.SparseCategoricalCrossentropy: "sparse_categorical_crossentropy",
-    keras.losses.CategoricalCrossentropy: "categorical_crossentropy",
-}
-_NAME_ALIASES = {
-    "sparse_categorical_crossentropy": "sparse_categorical_crossentropy",
-    "SparseCategoricalCrossentropy": "sparse_categorical_crossentropy",
-    "categorical_crossentropy": "categorical_crossentropy",
-    "CategoricalCrossentropy": "categorical_crossentropy",
-}
-_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
-
-
-def _loss_settings(keras_loss: object) -> tuple[str, dict[str, Any], str, str]:
-    """(name, fn kwargs, dtype, reduction) of a Keras crossentropy given by name, function, class or instance."""
-    supported = f"supported: {', '.join(SUPPORTED_LOSSES)} (by name, function, class or instance)"
-    if isinstance(keras_loss, str):
-        if keras_loss not in _NAME_ALIASES:
-            raise ConversionError(f"loss {keras_loss!r} has no torch translation; {supported}")
-        keras_loss = _NAME_ALIASES[keras_loss]
-        return keras_loss, {}, keras.config.floatx(), "sum_over_batch_size"
-    if isinstance(keras_loss, Hashable) and keras_loss in _LOSS_FUNCTIONS:
-        return _LOSS_FUNCTIONS[keras_loss], {}, keras.config.floatx(), "sum_over_batch_size"
-    if isinstance(keras_loss, type) and keras_loss in _LOSS_CLASSES:
-        keras_loss = keras_loss()
-    if type(keras_loss) in _LOSS_CLASSES:
-        return _LOSS_CLASSES[type(keras_loss)], dict(keras_loss._fn_kwargs), keras_loss.dtype, keras_loss.reduction
-    wrapped = getattr(keras_loss, "fn", None)  # compile() wraps a loss function in a LossFunctionWrapper
-    if isinstance(keras_loss, keras.losses.Loss) and isinstance(wrapped, Hashable) and wrapped in _LOSS_FUNCTIONS:
-        return _LOSS_FUNCTIONS[keras_loss.fn], dict(keras_loss._fn_kwargs), keras_loss.dtype, keras_loss.reduction
-    raise ConversionError(
-        f"loss {getattr(keras_loss, '__name__', type(keras_loss).__name__)} has no torch translation; {supported}"
-    )
-
-
-def torch_loss(keras_loss: object, *, output_activation: str | None, backend: str | None = None) -> TorchLoss:
-    """The torch computation of a Keras crossentropy loss, for a head with ``output_activation``.
-
-    Args:
-        keras_loss: "sparse_categorical_crossentropy" or "categorical_crossentropy" (or the class names),
-            ``keras.losses`` functions of those names, their classes, or instances (``from_logits``,
-            ``dtype`` and ``reduction`` are read from an instance).
-        output_activation: the model head's activation: "softmax", or None / "linear" for logits.
-        backend: the Keras backend to reproduce; None takes ``keras.backend.backend()``.
-
-    Returns:
-        A ``TorchLoss``: call it as ``loss(output, target, logits=...)``; ``describe()`` says which case is used.
-
-    Raises:
-        ConversionError: another loss, ``label_smoothing``, ``ignore_class``, ``axis`` other than -1,
-            a reduction other than sum_over_batch_size/mean/sum, or another head activation.
-    """
-    name, kwargs, dtype, reduction = _loss_settings(keras_loss)
-    from_logits = bool(kwargs.pop("from_logits", False))
-    for option, default in (("label_smoothing", 0.0), ("ignore_class", None), ("axis", -1)):
-        if kwargs.get(option, default) != default:
-            raise ConversionError(
-                f"{name} option {option}={kwargs[option]!r} has no torch translation; supported: "
-                f"from_logits, dtype, reduction (sum_over_batch_size, mean, sum), {option}={default!r}"
-            )
-    if reduction in _MEAN_REDUCTIONS:
-        reduction = "sum_over_batch_size"
-    elif reduction != "sum":
-        raise ConversionError(
-            f"{name} reduction {reduction!r} has no translation; supported: sum_over_batch_size, mean, sum"
-        )
-    activation = None if output_activation in (None, "linear") else output_activation
-    if activation not in (None, "softmax"):
-        raise ConversionError(
-            f"head activation {output_activation!r} with {name} has no translation; supported: softmax, None (logits)"
-        )
-    backend = backend or keras.backend.backend()
-    if backend not in ("tensorflow", "jax", "torch"):
-        raise ConversionError(f"Keras backend {backend!r} has no translation; supported: tensorflow, jax, torch")
-    return TorchLoss(
-        name=name,
-        from_logits=from_logits,
-        output_activation=activation,
-        backend=backend,
-        dtype=_torch_dtype(dtype),
-        reduction=reduction,
-        epsilon=float(keras.config.epsilon()),
-        report_dtype=_torch_dtype(keras.config.floatx()),
-    )
-
-
-def keras_loss_with_dtype(keras_loss: object, dtype: str) -> keras.losses.Loss:
-    """A new Keras loss instance like ``keras_loss`` (name, class or instance) computing in ``dtype``.
-
-    A float64 model needs this for a float64 comparison: Keras computes a loss in floatx (float32) unless the
-    loss was made with ``dtype=``.
-    """
-    name, kwargs, _, reduction = _loss_settings(keras_loss)
-    cls = {v: k for k, v in _LOSS_CLASSES.items()}[name]
-    return cls(**kwargs, reduction=reduction, dtype=dtype)
-
-
-def forward_with_logits(torch_model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run ``torch_model`` and return (output, the input of the softmax that produced it, or None).
-
-    With a softmax head on TensorFlow, Keras's loss takes the logits behind the softmax: pass the second
-    value as ``logits=`` to a ``TorchLoss``. None when the output does not come from an ``nn.Softmax``.
-    """
-    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def remember(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        captured.append((args[0], output))
-
-    handles = [m.register_forward_hook(remember) for m in torch_model.modules() if isinstance(m, nn.Softmax)]
-    try:
-        output = torch_model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    logits = next((x for x, y in reversed(captured) if y is output), None)
-    return output, logits
-
-
-# ---------------------------------------------------------------------------------------------------
-# Reverse direction: a torch optimizer config -> the Keras optimizer computing the same update
-# ---------------------------------------------------------------------------------------------------
 
 # torch options that choose an implementation, not the arithmetic rule.
 _IMPLEMENTATION_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
@@ -876,26 +620,3 @@ def keras_optimizer(
         epsilon=0.0,
         centered=bool(group["centered"]),
     )
-
-
-__all__ = [
-    "CASE_CLIPPED",
-    "CASE_DOUBLE_SOFTMAX",
-    "CASE_LOGITS",
-    "CASE_LOGITS_BEHIND_SOFTMAX",
-    "CASE_TF_CLIPPED",
-    "SUPPORTED_KERAS_OPTIMIZERS",
-    "SUPPORTED_LOSSES",
-    "SUPPORTED_SCHEDULES",
-    "KerasRule",
-    "KerasRuleOptimizer",
-    "TorchLoss",
-    "forward_with_logits",
-    "keras_loss_with_dtype",
-    "keras_optimizer",
-    "keras_rule",
-    "optimizer_state_to_keras",
-    "optimizer_state_to_torch",
-    "torch_loss",
-    "torch_optimizer",
-]

@@ -1,0 +1,123 @@
+"""TensorFlow loaded locally and quietly, so that it never meets triton: the one module that knows how.
+
+- TensorFlow 2.20+ wheels load their core library with RTLD_GLOBAL (``tensorflow.python.pywrap_dlopen_global_flags``),
+  which puts TensorFlow's statically linked LLVM among the process's global symbols. triton, which torch's CUDA build
+  ships and which torchvision loads through ``torch._dynamo``, then binds its own LLVM calls to TensorFlow's and
+  crashes the interpreter (SIGSEGV). Where this runs before TensorFlow loads, TensorFlow is served a no-op in place
+  of that flags module, so it loads RTLD_LOCAL, as it does on every other platform, and triton loads after it safely.
+- Where TensorFlow was loaded globally before this ran and triton has not been, ``import triton`` raises a one-line
+  ModuleNotFoundError instead of crashing; torch takes it for "triton is not installed" (torchvision and torch on a
+  CPU work without it).
+- TensorFlow 2.21 writes start-up lines from C++ on file descriptor 2 (absl's "All log messages before
+  absl::InitializeLog() is called are written to STDERR" and, on CPUs where it turns oneDNN on, "oneDNN custom
+  operations are on"), whatever TF_CPP_MIN_LOG_LEVEL says: while ``tensorflow`` itself executes, fd 2 points at a
+  temporary file, replayed if the import fails, so a one-line error stays one line. Later output is untouched.
+
+Everything here is cheap: nothing is imported until TensorFlow (or triton) is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+_GLOBAL_FLAGS = "tensorflow.python.pywrap_dlopen_global_flags"
+TRITON_REFUSED = (
+    "triton is not loaded in this process: TensorFlow was imported before keras_impl or conversion and holds its "
+    "LLVM symbols globally, and triton crashes against them; import keras_impl or conversion first to use both"
+)
+
+
+@contextlib.contextmanager
+def _fd2_captured() -> Iterator[None]:
+    """Point file descriptor 2 at a temporary file for the block; replay what it caught if the block raises."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            os.write(2, captured.read())
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+class _LocalFlags(importlib.abc.Loader):
+    """The flags module TensorFlow asks for, made a no-op: TensorFlow then loads RTLD_LOCAL."""
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
+        return None
+
+    def exec_module(self, module: ModuleType) -> None:
+        module.set_dlopen_flags = lambda: None
+        module.reset_dlopen_flags = lambda: None
+
+
+class _QuietLoader(importlib.abc.Loader):
+    """TensorFlow's own loader, with fd 2 captured while the package executes."""
+
+    def __init__(self, inner: importlib.abc.Loader) -> None:
+        self._inner = inner
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        with _fd2_captured():
+            self._inner.exec_module(module)
+
+    def __getattr__(self, name: str) -> Any:  # get_resource_reader, is_package, ...: TensorFlow's loader answers
+        return getattr(self._inner, name)
+
+
+class _TensorFlowLoading(importlib.abc.MetaPathFinder):
+    """Finds ``tensorflow`` (loaded quietly) and its RTLD_GLOBAL flags module (made a no-op); nothing else."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname == _GLOBAL_FLAGS:
+            return importlib.util.spec_from_loader(fullname, _LocalFlags())
+        if fullname != "tensorflow":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietLoader(spec.loader)
+        return spec
+
+
+class _TritonRefused(importlib.abc.MetaPathFinder):
+    """Answers ``triton`` as not installed, with a one-line reason, where it would crash against a global TensorFlow.
+
+    A ModuleNotFoundError, not any ImportError: torch asks ``importlib.util.find_spec("triton")`` and takes that one
+    (and only that one) for "triton is absent"."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
+        if fullname == "triton" or fullname.startswith("triton."):
+            raise ModuleNotFoundError(TRITON_REFUSED, name=fullname)
+        return None
+
+
+def prepare() -> None:
+    """Make the process safe for TensorFlow and triton together, and TensorFlow's start-up quiet (idempotent)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's Python-side chatter
+    installed = {type(finder) for finder in sys.meta_path}
+    tensorflow_loaded_globally = _GLOBAL_FLAGS in sys.modules and not isinstance(
+        getattr(sys.modules[_GLOBAL_FLAGS], "__loader__", None), _LocalFlags
+    )
+    if tensorflow_loaded_globally:
+        if "triton" not in sys.modules and _TritonRefused not in installed:
+            sys.meta_path.insert(0, _TritonRefused())
+    elif "tensorflow" not in sys.modules and _TensorFlowLoading not in installed:
+        sys.meta_path.insert(0, _TensorFlowLoading())
