@@ -9,7 +9,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -18,6 +17,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+# The checkout's root: the workers' cwd and PYTHONPATH, git's working tree, the default results folder.
+REPO = Path(__file__).resolve().parents[1]
 
 # ResNet-34 at 224x224: 3.67 GMACs = 7.34 GFLOP per image (the issue's figure; the 10-class head is noise).
 GFLOP_PER_IMAGE_224 = 7.34
@@ -184,43 +186,41 @@ def _finite(obj: object) -> object:
     return obj
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (or the platform's answer elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
-def cpu_count() -> int:
-    """Cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def nvidia_smi() -> list[dict[str, str]]:
-    """Name, driver and memory of each NVIDIA GPU (empty without nvidia-smi)."""
-    fields = ("name", "driver_version", "memory.total")
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [dict(zip(fields, (v.strip() for v in line.split(",")), strict=False)) for line in out.splitlines() if line]
-
-
 def median(values: list[float]) -> float:
     """statistics.median, typed."""
     return float(statistics.median(values))
+
+
+def interleave(calls: dict[str, Callable[[], object]], rounds: int, per_round: int, warmup: int) -> dict:
+    """Time each call ``per_round`` times per round, reversing the order every other round.
+
+    The last call is the baseline: each other one gets the ratio of medians and the median of its
+    per-round ratios (which cancels drift between rounds; the figure to quote).
+    """
+    names = list(calls)
+    for name in names:
+        for _ in range(warmup):
+            calls[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    round_medians: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds):
+        for name in names if index % 2 == 0 else names[::-1]:
+            batch = [timed(calls[name])[0] for _ in range(per_round)]
+            times[name] += batch
+            round_medians[name].append(median(batch))
+    baseline = names[-1]
+    ratios = {}
+    for name in names[:-1]:
+        per_round = [a / b for a, b in zip(round_medians[name], round_medians[baseline], strict=True)]
+        ratios[name] = {
+            "ratio_of_medians": median(times[name]) / median(times[baseline]),
+            "round_ratio_median": median(per_round),
+            "round_ratio_range": [min(per_round), max(per_round)],
+        }
+    return {
+        "baseline": baseline,
+        "median_ms": {name: 1e3 * median(values) for name, values in times.items()},
+        "min_ms": {name: 1e3 * min(values) for name, values in times.items()},
+        "calls": {name: len(values) for name, values in times.items()},
+        "ratios": ratios,
+    }

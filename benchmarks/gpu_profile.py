@@ -3,7 +3,7 @@
     python -m benchmarks.gpu_profile --out DIR [--batch-sizes 1 256] [--inductor]
 
 Every variant runs fp16, channels_last, captured in a CUDA graph (launch gaps gone, so the time left is
-the kernels'), in ONE process, timed in alternating rounds (``benchmarks.peers.interleave``) against
+the kernels'), in ONE process, timed in alternating rounds (``benchmarks.common.interleave``) against
 torchvision's ``resnet34(num_classes=10)`` as the baseline. Then ``torch.profiler`` lists, per variant,
 the GPU time by kernel category (convolution, pointwise, pad, pool, ...) and the top kernels, which is
 what explains a gap. The machine's two ceilings are measured first (an fp16 matrix product and a
@@ -23,11 +23,15 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import GFLOP_PER_IMAGE_224, IMAGE_SIZE, NUM_CLASSES, atomic_write, median, write_json
-from benchmarks.peers import interleave
+from benchmarks.common import (
+    GFLOP_PER_IMAGE_224,
+    IMAGE_SIZE,
+    NUM_CLASSES,
+    atomic_write,
+    interleave,
+    median,
+    write_json,
+)
 from benchmarks.runtimes.pytorch import capture_cuda_graph
 
 VARIANTS = ("twin", "twin-fused", "twin-inductor", "torchvision-inductor", "torchvision")  # last: baseline

@@ -16,53 +16,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a file: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import IMAGE_SIZE, NUM_CLASSES, REPO, interleave, timed, write_json
+from benchmarks.environment import cpu_count, cpu_model
 
-from benchmarks.common import IMAGE_SIZE, NUM_CLASSES, cpu_count, cpu_model, median, timed, write_json
-
-REPO = Path(__file__).resolve().parents[1]
 PEERS_ONNX = ("ours", "ours-nchw", "torchvision")  # the last is the baseline of the ratios
-
-
-def interleave(calls: dict[str, Callable[[], object]], rounds: int, per_round: int, warmup: int) -> dict:
-    """Time each call ``per_round`` times per round, reversing the order every other round.
-
-    The last call is the baseline: each other one gets the ratio of medians and the median of its
-    per-round ratios (which cancels drift between rounds; the figure to quote).
-    """
-    names = list(calls)
-    for name in names:
-        for _ in range(warmup):
-            calls[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    round_medians: dict[str, list[float]] = {name: [] for name in names}
-    for index in range(rounds):
-        for name in names if index % 2 == 0 else names[::-1]:
-            batch = [timed(calls[name])[0] for _ in range(per_round)]
-            times[name] += batch
-            round_medians[name].append(median(batch))
-    baseline = names[-1]
-    ratios = {}
-    for name in names[:-1]:
-        per_round = [a / b for a, b in zip(round_medians[name], round_medians[baseline], strict=True)]
-        ratios[name] = {
-            "ratio_of_medians": median(times[name]) / median(times[baseline]),
-            "round_ratio_median": median(per_round),
-            "round_ratio_range": [min(per_round), max(per_round)],
-        }
-    return {
-        "baseline": baseline,
-        "median_ms": {name: 1e3 * median(values) for name, values in times.items()},
-        "min_ms": {name: 1e3 * min(values) for name, values in times.items()},
-        "calls": {name: len(values) for name, values in times.items()},
-        "ratios": ratios,
-    }
 
 
 def _environment(threads: int) -> dict:

@@ -15,9 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from benchmarks.prepare import choose_keras_backend
 
 choose_keras_backend()

@@ -1,13 +1,19 @@
-"""results.json, results.csv, results.md and throughput.png from the rows and the environment (atomic writes)."""
+"""results.json, results.csv, results.md and throughput.png from the rows and the environment (atomic writes).
+
+Also ``merge``: this run's rows with the rows of an earlier results.json that it did not redo.
+"""
 
 from __future__ import annotations
 
 import csv
+import importlib
 import io
+import json
 import sys
 from pathlib import Path
 
 from benchmarks.common import TOLERANCE, atomic_write, write_json
+from benchmarks.runtimes import RUNTIMES
 
 # Columns of results.csv, in order (the issue's first, then the rest).
 COLUMNS = (
@@ -216,10 +222,31 @@ def write_all(out: Path, env: dict, rows: list[dict]) -> list[Path]:
     return written
 
 
+def merge(out: Path, env: dict, rows: list[dict]) -> tuple[dict, list[dict]]:
+    """This run's rows plus those of an earlier results.json in ``out`` that it did not redo, in table order."""
+    path = out / "results.json"
+    if not path.is_file():
+        return env, rows
+    old = json.loads(path.read_text())
+    redone = {(r["runtime"], r["mode"], r["device"], r["batch"]) for r in rows}
+    kept = [r for r in old["rows"] if (r["runtime"], r["mode"], r["device"], r["batch"]) not in redone]
+    previous = old["environment"].pop("previous_runs", [])
+    env["previous_runs"] = [*previous, old["environment"]]
+    return env, sorted(rows + kept, key=_row_order)
+
+
+def _row_order(row: dict) -> tuple[int, int, int]:
+    """Runtimes and modes in their declared order, then batch size."""
+    runtimes = list(RUNTIMES)
+    runtime = runtimes.index(row["runtime"]) if row["runtime"] in runtimes else len(runtimes)
+    modes = list(importlib.import_module(RUNTIMES[row["runtime"]]).MODES) if runtime < len(runtimes) else []
+    mode = modes.index(row["mode"]) if row["mode"] in modes else len(modes)
+    return runtime, mode, row["batch"]
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks.report DIR``: rewrite the result files (or print --compact) from DIR/results.json."""
     import argparse
-    import json
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__)
     parser.add_argument("folder", type=Path, help="a folder holding results.json (e.g. from a GPU machine)")

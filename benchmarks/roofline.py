@@ -24,10 +24,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a file: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import IMAGE_SIZE, NUM_CLASSES
 

@@ -1,4 +1,4 @@
-"""Benchmark every runtime on the SAME ResNet-34 weights and inputs (``python benchmarks/run.py --help``).
+"""Benchmark every runtime on the SAME ResNet-34 weights and inputs (``python -m benchmarks.run --help``).
 
 The parent builds the hostile-weight model once (keras_impl + conversion.hostile), writes its weights,
 the seeded images, the Keras float32 reference logits and the ONNX exports to a folder, then runs each
@@ -13,11 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import importlib.metadata
 import json
 import os
-import platform
-import re
 import shutil
 import signal
 import subprocess
@@ -32,44 +29,15 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-REPO = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):  # `python benchmarks/run.py`: make the project importable
-    sys.path.insert(0, str(REPO))
-
-from benchmarks import report  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    PROGRESS_PREFIX,
-    REFERENCE_IMAGES,
-    TOLERANCE,
-    TimingConfig,
-    cpu_count,
-    cpu_model,
-    nvidia_smi,
-)
-from benchmarks.worker import RUNTIMES  # noqa: E402
+from benchmarks import report
+from benchmarks.common import PROGRESS_PREFIX, REPO, TOLERANCE, TimingConfig
+from benchmarks.environment import cpu_count, environment, machine_folder, nvidia_smi, worker_env
+from benchmarks.runtimes import RUNTIMES
 
 DEFAULT_BATCHES = {"cpu": (1, 8, 32), "cuda": (1, 64, 256)}
 QUICK_BATCHES = {"cpu": (1, 8), "cuda": (1, 64)}
 QUICK_TIMING = TimingConfig(
     min_warmup=2, max_warmup=10, warmup_s=2.0, iters=5, min_time_s=1.0, max_time_s=5.0, e2e_iters=2
-)
-PACKAGES = (
-    "numpy",
-    "keras",
-    "tensorflow",
-    "tensorflow-cpu",
-    "jax",
-    "jaxlib",
-    "jax-cuda12-plugin",
-    "jax-cuda13-plugin",
-    "torch",
-    "torchvision",
-    "triton",
-    "onnx",
-    "onnxruntime",
-    "onnxruntime-gpu",
-    "tf2onnx",
-    "onnxscript",
 )
 
 
@@ -108,10 +76,10 @@ TIMING_FLAGS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The arguments of ``benchmarks/run.py``."""
+    """The arguments of ``python -m benchmarks.run``."""
     defaults = TimingConfig()
     parser = argparse.ArgumentParser(
-        prog="python benchmarks/run.py",
+        prog="python -m benchmarks.run",
         description=__doc__.split(" (``")[0] + ".",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_modes_text() + "\n\n--quick: batch sizes "
@@ -176,92 +144,6 @@ def timing_config(args: argparse.Namespace) -> TimingConfig:
     config = QUICK_TIMING if args.quick else TimingConfig()
     overrides = {field: getattr(args, field) for _, field, _, _ in TIMING_FLAGS}
     return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def machine_folder(device: str, gpus: list[dict[str, str]]) -> str:
-    """results/<this>: the GPU's name on cuda, the CPU model and core count on cpu."""
-    if device == "cuda" and gpus:
-        return "gpu-" + _slug(gpus[0]["name"].removeprefix("NVIDIA "))
-    return f"cpu-{_slug(cpu_model())}-{cpu_count()}core"
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _git() -> str:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
-        return commit + (" (uncommitted changes)" if dirty.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def worker_env(runtime: str, device: str, threads: int, compile_cache: Path | None = None) -> dict[str, str]:
-    """The environment of a worker: threads pinned, the right Keras backend, the device made explicit."""
-    env = dict(os.environ)
-    if compile_cache is not None:  # torch.compile's caches: a fresh folder makes compile_s a cold compile
-        env["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache / "inductor")
-        env["TRITON_CACHE_DIR"] = str(compile_cache / "triton")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS"):
-        env[name] = str(threads)
-    env["TF_NUM_INTEROP_THREADS"] = "1"
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    if runtime.startswith("keras-"):
-        env["KERAS_BACKEND"] = {"keras-tf": "tensorflow", "keras-jax": "jax"}[runtime]
-    if device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""  # nothing may slip onto a GPU
-        env["JAX_PLATFORMS"] = "cpu"
-        flags = f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={threads}"
-        env["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), flags]))
-    else:
-        if env.get("JAX_PLATFORMS") == "cpu":  # set by prepare.py for the parent's own reference run
-            del env["JAX_PLATFORMS"]
-    return env
-
-
-THREAD_ENV = ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "XLA_FLAGS")
-
-
-def environment(args: argparse.Namespace, gpus: list[dict[str, str]], config: TimingConfig) -> dict:
-    """The environment block of results.json (the worker-side details are added as workers finish)."""
-    example = worker_env("keras-jax", args.device, args.threads)
-    return {
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join(["python", "benchmarks/run.py", *sys.argv[1:]]),
-        "git": _git(),
-        "device": args.device,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cores": cpu_count(),
-        "gpus": gpus,
-        "gpu_name": gpus[0]["name"] if gpus else None,
-        "packages": {name: _version(name) for name in PACKAGES},
-        "threads": {
-            "intra_op": args.threads,
-            "inter_op": 1,
-            "env": {k: example[k] for k in THREAD_ENV if k in example},
-        },
-        "load_avg_start": list(os.getloadavg()),
-        "timing": dataclasses.asdict(config),
-        "batch_sizes": args.batch_sizes,
-        "seed": args.seed,
-        "reference_images": REFERENCE_IMAGES,
-        "tolerance": TOLERANCE,
-        "workers": {},
-    }
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -395,28 +277,6 @@ def _tail(path: Path) -> str:
     return lines[-1][:200] if lines else "no output"
 
 
-def merge(out: Path, env: dict, rows: list[dict]) -> tuple[dict, list[dict]]:
-    """This run's rows plus those of an earlier results.json in ``out`` that it did not redo, in table order."""
-    path = out / "results.json"
-    if not path.is_file():
-        return env, rows
-    old = json.loads(path.read_text())
-    redone = {(r["runtime"], r["mode"], r["device"], r["batch"]) for r in rows}
-    kept = [r for r in old["rows"] if (r["runtime"], r["mode"], r["device"], r["batch"]) not in redone]
-    previous = old["environment"].pop("previous_runs", [])
-    env["previous_runs"] = [*previous, old["environment"]]
-    return env, sorted(rows + kept, key=_row_order)
-
-
-def _row_order(row: dict) -> tuple[int, int, int]:
-    """Runtimes and modes in their declared order, then batch size."""
-    runtimes = list(RUNTIMES)
-    runtime = runtimes.index(row["runtime"]) if row["runtime"] in runtimes else len(runtimes)
-    modes = list(importlib.import_module(RUNTIMES[row["runtime"]]).MODES) if runtime < len(runtimes) else []
-    mode = modes.index(row["mode"]) if row["mode"] in modes else len(modes)
-    return runtime, mode, row["batch"]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Prepare once, run every worker, compare, write the result files, print the table."""
     args = build_parser().parse_args(argv)
@@ -425,7 +285,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs = plan(args)
     gpus = nvidia_smi()
     args.out = args.out or REPO / "benchmarks" / "results" / machine_folder(args.device, gpus)
-    env = environment(args, gpus, config)
+    env = environment(
+        command=" ".join(["python", "-m", "benchmarks.run", *sys.argv[1:]]),
+        device=args.device,
+        threads=args.threads,
+        batch_sizes=args.batch_sizes,
+        seed=args.seed,
+        gpus=gpus,
+        config=config,
+    )
     console = Console(stderr=True)
     start = time.perf_counter()
     rows: list[dict] = []
@@ -441,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env["load_avg_end"] = list(os.getloadavg())
     env["wall_s"] = time.perf_counter() - start
     if args.merge:
-        env, rows = merge(args.out, env, rows)
+        env, rows = report.merge(args.out, env, rows)
     for path in report.write_all(args.out, env, rows):
         console.print(f"wrote {path}")
     print(report.markdown_table(rows))

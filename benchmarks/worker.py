@@ -31,14 +31,7 @@ from benchmarks.common import (
     warm_up,
     write_json,
 )
-
-# runtime name -> module in benchmarks.runtimes
-RUNTIMES = {
-    "keras-tf": "benchmarks.runtimes.keras_tf",
-    "keras-jax": "benchmarks.runtimes.keras_jax",
-    "torch": "benchmarks.runtimes.pytorch",
-    "ort": "benchmarks.runtimes.ort",
-}
+from benchmarks.runtimes import RUNTIMES
 
 
 def base_row(spec: dict, batch: int, dtype: str | None = None) -> dict:

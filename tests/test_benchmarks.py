@@ -1,4 +1,4 @@
-"""benchmarks/run.py without timing anything: on a machine without a GPU, `--device cuda` must give a
+"""`python -m benchmarks.run` without timing anything: on a machine without a GPU, `--device cuda` must give a
 "skipped: <reason>" row per runtime/mode/batch (never a crash), exit 0, and every result file."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ ISSUE_KEYS = {
 def test_cuda_run_without_a_gpu_skips_cleanly_and_writes_every_file(tmp_path):
     out = tmp_path / "results"
     run = subprocess.run(
-        [sys.executable, "benchmarks/run.py", "--device", "cuda", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.run", "--device", "cuda", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,

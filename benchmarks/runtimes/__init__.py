@@ -1,10 +1,21 @@
-"""One module per runtime; each imports only its own framework and exposes ``setup``, ``modes``, ``make_runner``."""
+"""One module per runtime; each imports only its own framework and exposes ``setup``, ``modes``, ``make_runner``.
+
+``RUNTIMES`` names them (in table order); importing this package imports none of them.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+
+# runtime name -> module in benchmarks.runtimes
+RUNTIMES = {
+    "keras-tf": "benchmarks.runtimes.keras_tf",
+    "keras-jax": "benchmarks.runtimes.keras_jax",
+    "torch": "benchmarks.runtimes.pytorch",
+    "ort": "benchmarks.runtimes.ort",
+}
 
 
 class BaseRunner:
