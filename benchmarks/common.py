@@ -21,7 +21,7 @@ import numpy as np
 # The checkout's root: the workers' cwd and PYTHONPATH, git's working tree, the default results folder.
 REPO = Path(__file__).resolve().parents[1]
 
-# ResNet-34 at 224x224: 3.67 GMACs = 7.34 GFLOP per image (the issue's figure; the 10-class head is noise).
+# ResNet-34 at 224x224: 3.67 GMACs = 7.34 GFLOP per image (the 10-class head is noise).
 GFLOP_PER_IMAGE_224 = 7.34
 IMAGE_SIZE = (224, 224)
 NUM_CLASSES = 10
@@ -30,7 +30,7 @@ NUM_CLASSES = 10
 REFERENCE_IMAGES = 8
 
 # Largest max_rel_err (vs Keras float32 on CPU, logits) accepted per compute dtype. float32: the twins agree
-# to ~1e-6; 1e-4 is the issue's bound and leaves room for other conv algorithms (Winograd, oneDNN, cuDNN).
+# to ~1e-6; 1e-4 leaves room for other conv algorithms (Winograd, oneDNN, cuDNN).
 # The reduced-precision bounds are 5-10x the errors measured on CPU by ``python -m benchmarks.precision``
 # (emulated TF32 5e-4, float16 9e-4, bfloat16 5e-3; Keras mixed_bfloat16 on JAX 7e-3).
 TOLERANCE = {"float32": 1e-4, "tf32": 5e-3, "float16": 1e-2, "bfloat16": 5e-2}

@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     import torch._inductor.config as inductor_config
 
-    inductor_config.freezing = True  # BN folded into the convolutions, as in the peer figure
+    inductor_config.freezing = True  # BN folded into the convolutions, as in the peer's published figure
     results: dict = {
         "comparison": "fp16 channels_last, CUDA graph replays; baseline torchvision resnet34(num_classes=10)",
         "gpu": torch.cuda.get_device_name(0),

@@ -1,9 +1,9 @@
-"""Interleaved peer comparisons the other issues ask for (A, B, A, B, ... in ONE process, threads pinned).
+"""Interleaved peer comparisons (A, B, A, B, ... in ONE process, threads pinned): the twins against torchvision.
 
-    python -m benchmarks.peers torch   # issue 2: the torch twin (and its BN-folded rewrite) vs torchvision, eager CPU
-    python -m benchmarks.peers onnx    # issue 3: ONNX Runtime CPU, our Keras export vs torchvision's export
+    python -m benchmarks.peers torch   # the torch twin (and its BN-folded rewrite) vs torchvision, eager CPU
+    python -m benchmarks.peers onnx    # ONNX Runtime CPU, our Keras export vs torchvision's export
 
-Absolute times on a shared machine drift by 10-30% between runs (PITFALLS.md), so each comparison runs
+Absolute times on a shared machine drift by 10-30% between runs (docs/pitfalls.md), so each comparison runs
 both sides in rounds, alternating which goes first (A B B A ...), and reports the medians and the ratio.
 """
 
@@ -38,7 +38,7 @@ def _environment(threads: int) -> dict:
     }
 
 
-# --- issue 2: the torch twin vs torchvision, eager CPU --------------------------------------------
+# --- the torch twin vs torchvision, eager CPU --------------------------------------------
 
 
 def compare_torch(args: argparse.Namespace) -> dict:
@@ -75,12 +75,12 @@ def compare_torch(args: argparse.Namespace) -> dict:
     return results
 
 
-# --- issue 3: ONNX Runtime, our Keras export vs torchvision's export --------------------------------
+# --- ONNX Runtime, our Keras export vs torchvision's export --------------------------------
 
 
 def export_peers(folder: Path) -> dict[str, float]:
     """Write ours.onnx, ours-nchw.onnx (Keras, export_onnx) and torchvision.onnx; seconds each export took."""
-    import keras_impl  # first: loads triton before TensorFlow (PITFALLS.md)
+    import keras_impl  # first: TensorFlow then loads locally and quietly (docs/pitfalls.md)
 
     # isort: split
     import torch

@@ -18,7 +18,7 @@ import numpy as np
 from benchmarks.prepare import choose_keras_backend
 
 choose_keras_backend()
-import keras_impl  # noqa: E402, F401  (before torch's triton meets TensorFlow: PITFALLS.md)
+import keras_impl  # noqa: E402, F401  (before TensorFlow loads: docs/pitfalls.md)
 
 # isort: split
 import torch  # noqa: E402

@@ -50,7 +50,7 @@ def load_manifest(folder: Path, seed: int) -> dict | None:
 def prepare(folder: Path, *, seed: int, onnx: bool, log: Callable[[str], None] = print) -> dict:
     """Build the hostile-weight model once and write everything the workers read; return the manifest."""
     backend = choose_keras_backend()
-    import keras_impl  # first: loads triton before TensorFlow (PITFALLS.md)
+    import keras_impl  # first: TensorFlow then loads locally and quietly (docs/pitfalls.md)
 
     # isort: split
     import keras

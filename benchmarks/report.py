@@ -15,7 +15,7 @@ from pathlib import Path
 from benchmarks.common import TOLERANCE, atomic_write, write_json
 from benchmarks.runtimes import RUNTIMES
 
-# Columns of results.csv, in order (the first, then the rest).
+# Columns of results.csv, in order (the headline figures first, then the rest).
 COLUMNS = (
     "runtime",
     "mode",

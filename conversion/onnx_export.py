@@ -2,7 +2,7 @@
 
 The Keras path traces a ``tf.function`` with an explicit ``tf.TensorSpec([None, H, W, C], name="images")``
 and converts it with ``tf2onnx.convert.from_function``. ``tf2onnx.convert.from_keras`` is not used: it
-fails on Keras 3 models (KeyError 'keras_tensor_…', no ``output_names``; PITFALLS.md), and Keras's own
+fails on Keras 3 models (KeyError 'keras_tensor_…', no ``output_names``; docs/pitfalls.md), and Keras's own
 ``model.export(format="onnx")`` runs the same ``from_function`` route but refuses a model that has never
 been called and names the input ``keras_tensor`` and the batch ``unk__NNN``. Tracing ourselves gives the
 names, the layout and the metadata we want, for any built model.

@@ -1,7 +1,7 @@
 """The book's ResNet-34 in Keras 3 (NHWC), backend-agnostic: TensorFlow, JAX or PyTorch.
 
-Importing the package is cheap: it only makes TensorFlow load locally and quietly when it does (``_tensorflow``),
-so that TensorFlow and torch's triton can share a process; the model code is imported on first use (PEP 562).
+Importing the package is cheap: it only makes TensorFlow load locally and quietly when it does, and the project's
+layers register with Keras when it does (``_startup``); the model code is imported on first use (PEP 562).
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from keras_impl import _tensorflow
+from keras_impl import _startup
 
-_tensorflow.prepare()
+_startup.prepare()
 
 _EXPORTS = {
     "CONVENTIONS": "keras_impl.padding",

@@ -1,4 +1,5 @@
-"""TensorFlow loaded locally and quietly, so that it never meets triton: the one module that knows how.
+"""What ``import keras_impl`` arranges before anything heavy loads: TensorFlow loaded locally and quietly, so
+that it never meets triton, and the project's Keras layers registered as soon as Keras loads.
 
 - TensorFlow 2.20+ wheels load their core library with RTLD_GLOBAL (``tensorflow.python.pywrap_dlopen_global_flags``),
   which puts TensorFlow's statically linked LLVM among the process's global symbols. triton, which torch's CUDA build
@@ -13,7 +14,11 @@
   operations are on"), whatever TF_CPP_MIN_LOG_LEVEL says: while ``tensorflow`` itself executes, fd 2 points at a
   temporary file, replayed if the import fails, so a one-line error stays one line. Later output is untouched.
 
-Everything here is cheap: nothing is imported until TensorFlow (or triton) is.
+- ``import keras_impl`` imports no Keras (the model code loads on first use), yet a ``.keras`` file of the project's
+  layers must load with ``import keras_impl`` and ``keras.models.load_model``: the layer modules, whose
+  ``register_keras_serializable`` is what the loader looks up, are imported as soon as Keras finishes loading.
+
+Everything here is cheap: nothing is imported until TensorFlow, Keras (or triton) is.
 """
 
 from __future__ import annotations
@@ -66,34 +71,50 @@ class _LocalFlags(importlib.abc.Loader):
         module.reset_dlopen_flags = lambda: None
 
 
-class _QuietLoader(importlib.abc.Loader):
-    """TensorFlow's own loader, with fd 2 captured while the package executes."""
+LAYER_MODULES = ("keras_impl.padding", "keras_impl.residual_unit")  # their classes are registered with Keras
 
-    def __init__(self, inner: importlib.abc.Loader) -> None:
-        self._inner = inner
+
+def register_layers() -> None:
+    """Import the modules whose layers Keras must know by name (``resnet34_parity>ResidualUnit``, ...)."""
+    for name in LAYER_MODULES:
+        importlib.import_module(name)
+
+
+class _WrappedLoader(importlib.abc.Loader):
+    """A package's own loader: TensorFlow's with fd 2 captured while it executes, Keras's followed by the layers."""
+
+    def __init__(self, inner: importlib.abc.Loader, name: str) -> None:
+        self._inner, self._name = inner, name
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self._inner.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
-        with _fd2_captured():
+        if self._name == "tensorflow":
+            with _fd2_captured():
+                self._inner.exec_module(module)
+        else:
             self._inner.exec_module(module)
+            register_layers()
 
-    def __getattr__(self, name: str) -> Any:  # get_resource_reader, is_package, ...: TensorFlow's loader answers
+    def __getattr__(self, name: str) -> Any:  # get_resource_reader, is_package, ...: the package's loader answers
         return getattr(self._inner, name)
 
 
-class _TensorFlowLoading(importlib.abc.MetaPathFinder):
-    """Finds ``tensorflow`` (loaded quietly) and its RTLD_GLOBAL flags module (made a no-op); nothing else."""
+class _FrameworkLoading(importlib.abc.MetaPathFinder):
+    """Finds ``tensorflow`` (loaded quietly), its RTLD_GLOBAL flags module (a no-op) and ``keras`` (then our
+    layers); nothing else."""
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         if fullname == _GLOBAL_FLAGS:
-            return importlib.util.spec_from_loader(fullname, _LocalFlags())
-        if fullname != "tensorflow":
+            if "tensorflow" in sys.modules and _GLOBAL_FLAGS not in sys.modules:
+                return importlib.util.spec_from_loader(fullname, _LocalFlags())
+            return None
+        if fullname not in ("tensorflow", "keras") or fullname in sys.modules:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is not None and spec.loader is not None:
-            spec.loader = _QuietLoader(spec.loader)
+            spec.loader = _WrappedLoader(spec.loader, fullname)
         return spec
 
 
@@ -110,14 +131,16 @@ class _TritonRefused(importlib.abc.MetaPathFinder):
 
 
 def prepare() -> None:
-    """Make the process safe for TensorFlow and triton together, and TensorFlow's start-up quiet (idempotent)."""
+    """Make the process safe for TensorFlow and triton together, TensorFlow's start-up quiet, and the project's
+    layers known to Keras whenever it loads (idempotent)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's Python-side chatter
     installed = {type(finder) for finder in sys.meta_path}
     tensorflow_loaded_globally = _GLOBAL_FLAGS in sys.modules and not isinstance(
         getattr(sys.modules[_GLOBAL_FLAGS], "__loader__", None), _LocalFlags
     )
-    if tensorflow_loaded_globally:
-        if "triton" not in sys.modules and _TritonRefused not in installed:
-            sys.meta_path.insert(0, _TritonRefused())
-    elif "tensorflow" not in sys.modules and _TensorFlowLoading not in installed:
-        sys.meta_path.insert(0, _TensorFlowLoading())
+    if tensorflow_loaded_globally and "triton" not in sys.modules and _TritonRefused not in installed:
+        sys.meta_path.insert(0, _TritonRefused())
+    if _FrameworkLoading not in installed and not ("tensorflow" in sys.modules and "keras" in sys.modules):
+        sys.meta_path.insert(0, _FrameworkLoading())
+    if "keras" in sys.modules:  # Keras came first: its layers are registered now
+        register_layers()

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-import keras_impl  # first: it loads triton before TensorFlow (PITFALLS.md)
+import os
+
+# Under pytest-xdist each worker is one process per core: one thread each, or TensorFlow's and torch's pools
+# oversubscribe the cores and every worker waits on the other (set before either framework starts its pools).
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+        os.environ.setdefault(variable, "1")
+
+# isort: split
+import keras_impl  # first: TensorFlow then loads locally and quietly (docs/pitfalls.md)
 
 # isort: split
 import importlib
-import os
 import types
 from collections.abc import Callable
 
@@ -63,6 +71,17 @@ def unit_twins() -> Callable[..., tuple[keras_impl.ResidualUnit, torch.nn.Module
         return cache[key]
 
     return make
+
+
+# The longest files first: pytest-xdist hands files to workers in collection order, and a long one handed out last
+# would keep one worker busy after the other has finished.
+LONGEST_FIRST = ("test_train_verify.py", "test_machine_numerics.py", "test_onnx.py", "test_torchvision_timm.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the longest test files first (a stable sort: each file keeps its own order)."""
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
 
 
 # Set by .ci/run: there the peers must import, so a skip would hide a missing install step.

@@ -81,7 +81,7 @@ def test_gpu_profile_sorts_kernels_into_categories():
     )
 
 
-def test_roofline_counts_the_issues_flops_and_each_ways_kernels():
+def test_roofline_counts_the_networks_flops_and_each_ways_kernels():
     from benchmarks.common import GFLOP_PER_IMAGE_224
     from benchmarks.roofline import floor_ms, kernels
 

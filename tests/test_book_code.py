@@ -9,7 +9,7 @@ measured errors are in the docstrings. Weights are hostile (conversion.hostile: 
 
 from __future__ import annotations
 
-import keras_impl  # first: it loads triton before TensorFlow (PITFALLS.md)
+import keras_impl  # first: TensorFlow then loads locally and quietly (docs/pitfalls.md)
 
 # isort: split
 import json

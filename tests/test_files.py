@@ -9,7 +9,7 @@ tests/test_bad_input.py runs the one real subprocess that proves exit code and n
 
 from __future__ import annotations
 
-import keras_impl  # noqa: F401  (first: it loads triton before TensorFlow, see PITFALLS.md)
+import keras_impl  # noqa: F401  (first: TensorFlow then loads locally and quietly, see docs/pitfalls.md)
 
 # isort: split
 import pickle

@@ -16,7 +16,7 @@ through float32 gave 2.6e-8 here and failed).
 
 from __future__ import annotations
 
-import keras_impl  # noqa: F401  (first: it loads triton before TensorFlow, see PITFALLS.md)
+import keras_impl  # noqa: F401  (first: TensorFlow then loads locally and quietly, see docs/pitfalls.md)
 
 # isort: split
 import keras

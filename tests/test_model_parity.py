@@ -1,7 +1,7 @@
 """Full ResNet-34: the Keras model and its converted torch twin give the same logits.
 
 The twins come from tests/conftest.py (session fixtures): hostile seeded weights, a logits head (softmax
-saturates and hides differences, PITFALLS.md), input shape (None, None, 3) so one model serves every size.
+saturates and hides differences, docs/pitfalls.md), input shape (None, None, 3) so one model serves every size.
 
 Errors are relative to the logits' scale, max |torch - keras| / max |keras| (conversion.arrays.max_rel_err).
 Measured here (seed 0 weights, the seeded standard-normal images below, logits of scale 6.7-68):
@@ -26,7 +26,7 @@ of any sample here is 0.099 of the logits' scale, ~1e5 times the float32 error.
 
 from __future__ import annotations
 
-import keras_impl  # first: it loads triton before TensorFlow (PITFALLS.md)
+import keras_impl  # first: TensorFlow then loads locally and quietly (docs/pitfalls.md)
 
 # isort: split
 import keras

@@ -2,7 +2,7 @@
 AND be located by `verify`: the right stage or ResidualUnit, the right layer, the right cause.
 
 A suite that has never been seen failing proves nothing; this file is where it is seen failing.
-Inputs are 64x64 (even at every stride-2 layer, where TF pads asymmetrically) and the weights hostile.
+Inputs are 32x32 (even at every stride-2 layer, where TF pads asymmetrically) and the weights hostile.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from conftest import make_twins
 from torch import nn
 
 from conversion.arrays import TOLERANCE, max_rel_err, nhwc_to_nchw, seeded_images
-from conversion.verify import Cause, verify_models
+from conversion.verify import Cause, keras_floor_twin, verify_models
 from torch_impl.padding import pad_same
 
 TOL = TOLERANCE["float32"]
@@ -39,7 +39,18 @@ def twins_elu():
 
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
-    return seeded_images(2, 64, 64, seed=7)
+    return seeded_images(2, 32, 32, seed=7)
+
+
+@pytest.fixture(scope="module")
+def keras_floors() -> dict[int, object]:
+    """Each Keras model's floor twin, built once (it depends only on the Keras model, which no test changes)."""
+    return {}
+
+
+def _verify(keras_model, torch_model, images, keras_floors):
+    floor = keras_floors.setdefault(id(keras_model), keras_floor_twin(keras_model))
+    return verify_models(keras_model, torch_model, images, keras_floor=floor)
 
 
 class _NhwcReadAsNchw(nn.Module):
@@ -196,15 +207,15 @@ def _final_outputs(keras_model, torch_model, images: np.ndarray) -> tuple[np.nda
 
 
 @pytest.mark.parametrize("twins", ["twins_f32", "twins_softmax_512", "twins_elu"])
-def test_unmutated_twins_pass(twins, images, request):
+def test_unmutated_twins_pass(twins, images, keras_floors, request):
     keras_model, torch_model = request.getfixturevalue(twins)
-    report = verify_models(keras_model, torch_model, images)
+    report = _verify(keras_model, torch_model, images, keras_floors)
     assert report, report.diagnosis
     assert report.first_divergent_unit is None and report.first_divergent_stage is None
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS, ids=[m.id for m in MUTATIONS])
-def test_planted_bug_fails_parity_and_verify_locates_it(mutation: Mutation, images, request):
+def test_planted_bug_fails_parity_and_verify_locates_it(mutation: Mutation, images, keras_floors, request):
     keras_model, twin = request.getfixturevalue(mutation.twins)
     mutant = copy.deepcopy(twin)
     with torch.no_grad():
@@ -218,7 +229,7 @@ def test_planted_bug_fails_parity_and_verify_locates_it(mutation: Mutation, imag
         # Eval-mode outputs still agree: only the training-mode check can catch it.
         assert max_rel_err(mutant_out, keras_out) <= TOL
 
-    report = verify_models(keras_model, mutant, images)
+    report = _verify(keras_model, mutant, images, keras_floors)
     assert not report
     if mutation.forward_parity_fails:  # the stage where it enters is beyond its floor, by orders of magnitude
         row = next(row.torch for row in report.stages if row.stage == mutation.stage)

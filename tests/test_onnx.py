@@ -7,7 +7,7 @@ file is compared on logits with both frameworks at batch 1 and 3 (the batch axis
 
 from __future__ import annotations
 
-import keras_impl  # first: it loads triton before TensorFlow (PITFALLS.md)
+import keras_impl  # first: TensorFlow then loads locally and quietly (docs/pitfalls.md)
 
 # isort: split
 import json
@@ -178,7 +178,7 @@ def test_keras_graph_is_clean(onnx_files, name: str, transposes: int):
     assert ops["Conv"] == 36, ops  # 1 stem + 2 per unit x 16 + 3 projections
     (stem,) = [a for op, a in _attributes(model) if op == "Conv" and a["kernel_shape"] == [7, 7]]
     (pool,) = [a for op, a in _attributes(model) if op == "MaxPool"]
-    # TF "same" at 64x48 (PITFALLS.md): stem 7x7/2 pads (2, 3) on both axes, max-pool 3x3/2 (0, 1);
+    # TF "same" at 64x48 (docs/pitfalls.md): stem 7x7/2 pads (2, 3) on both axes, max-pool 3x3/2 (0, 1);
     # ONNX `pads` are [top, left, bottom, right].
     assert (stem["strides"], stem["pads"]) == ([2, 2], [2, 2, 3, 3])
     assert (pool["strides"], pool["pads"]) == ([2, 2], [0, 0, 1, 1])

@@ -1,4 +1,4 @@
-"""TF "same" padding in torch (torch_impl/padding.py) against the PITFALLS table and against Keras itself.
+"""TF "same" padding in torch (torch_impl/padding.py) against the table in docs/pitfalls.md and against Keras itself.
 
 Keras layers are the reference. Convolutions run in float64, so the only error left is summation order
 (~1e-16 relative to the output scale); a shifted sampling grid gives errors of order 1. Max-pooling is
@@ -8,7 +8,7 @@ counts as 0 instead of -inf would win every window it touches there.
 
 from __future__ import annotations
 
-import keras_impl  # noqa: F401  (first: it loads triton before TensorFlow, see PITFALLS.md)
+import keras_impl  # noqa: F401  (first: TensorFlow then loads locally and quietly, see docs/pitfalls.md)
 
 # isort: split
 import math
@@ -36,7 +36,7 @@ WINDOWS = [(7, 2), (3, 2), (1, 2), (3, 1), (2, 1), (2, 2), (5, 3)]
 WINDOW_IDS = [f"{k}x{k}-stride{s}" for k, s in WINDOWS]
 
 
-# --- same_padding: the formula, against PITFALLS.md -------------------------------------------------
+# --- same_padding: the formula, against docs/pitfalls.md -------------------------------------------------
 
 
 @pytest.mark.parametrize(

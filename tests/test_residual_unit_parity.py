@@ -17,7 +17,7 @@ planted in tests/test_mutations.py all give more than 1e-3.
 
 from __future__ import annotations
 
-import keras_impl  # first: it loads triton before TensorFlow (PITFALLS.md)
+import keras_impl  # first: TensorFlow then loads locally and quietly (docs/pitfalls.md)
 
 # isort: split
 import math

@@ -8,7 +8,7 @@ Measured (these seeds; torch 2.13 CPU, tensorflow-cpu 2.21, Keras 3.15.1), max r
 float64: weights <= 9.3e-17, slots <= 2.6e-16 (SGD bit-exact). float32: SGD bit-exact; Adam/AdamW/RMSprop
 weights <= 6.1e-8, slots <= 1.8e-7: TensorFlow's float32 sqrt is Eigen's rsqrt-plus-Newton, not correctly
 rounded (it differs from torch's in ~17% of elements by 1 ulp), and clipnorm's sums run in another order.
-Tolerances: float64 1e-14 (the issue's target is 1e-12), float32 1e-6 (5x the worst seen).
+Tolerances: float64 1e-14 (the aim was 1e-12), float32 1e-6 (5x the worst seen).
 """
 
 from __future__ import annotations

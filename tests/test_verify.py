@@ -33,7 +33,7 @@ def _verify_json(capsys, *args: str) -> tuple[int, dict]:
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_default_verify_agrees_with_a_row_per_stage(capsys, dtype):
-    code, report = _verify_json(capsys, "--size", "48", "40", "--batch", "3", "--dtype", dtype)
+    code, report = _verify_json(capsys, "--size", "40", "33", "--batch", "2", "--dtype", dtype)
     assert code == 0 and report["agree"]
     assert report["first_divergent_unit"] is None and report["diagnosis"] is None
     assert [row["stage"] for row in report["stages"]] == [*STAGES, "output"]  # softmax head by default
@@ -41,8 +41,10 @@ def test_default_verify_agrees_with_a_row_per_stage(capsys, dtype):
     for row in report["stages"]:
         assert row["torch"]["max_rel"] <= TOLERANCE[dtype], row
         assert row["torch"]["tolerance_to_pass"] == row["torch"]["max_rel"]
-        # Every row carries its floor; a correct pair stays within it (measured <= 0.92 float32, 0.91 float64).
-        assert 0 < row["torch"]["noise_floor"] and row["torch"]["floor_ratio"] <= 1.0, row
+        # Every row carries its floor. In float32 a correct pair cannot exceed ~1 x its floor (the triangle inequality
+        # over the exact float64 floor); in float64 the floor is one draw of one-ulp moves: within its multiple.
+        limit = 1.0 + 1e-6 if dtype == "float32" else report["floor_multiple"]
+        assert 0 < row["torch"]["noise_floor"] and row["torch"]["floor_ratio"] <= limit, row
         assert not row["torch"]["ill_conditioned"]
     assert report["training_check"]["ok"]
 

@@ -2,7 +2,7 @@
 
 TF pads ``total = max(k - s, 0)`` if ``size % s == 0`` else ``max(k - size % s, 0)`` along each axis and
 puts the odd pixel at the bottom/right. PyTorch's symmetric ``padding=k // 2`` gives the same output size
-on a shifted sampling grid, so every number downstream differs (see PITFALLS.md). Where the padding is
+on a shifted sampling grid, so every number downstream differs (see docs/pitfalls.md). Where the padding is
 the same for every input size (a 1x1 window, or stride 1 with an odd kernel) it is static and free;
 otherwise it is computed from the input at run time, like timm's ``Conv2dSame``. Even then a copy is
 made only where it must be: symmetric padding goes to the convolution itself, and a max-pool takes the

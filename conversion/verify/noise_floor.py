@@ -115,8 +115,8 @@ def scale_of(reference: np.ndarray) -> float:
 def one_ulp_apart(array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Each element moved by one ulp of its own dtype, up or down at random (zeros to the smallest subnormal)."""
     array = np.asarray(array)
-    up = rng.random(array.shape) < 0.5
-    return np.where(up, np.nextafter(array, np.inf), np.nextafter(array, -np.inf)).astype(array.dtype)
+    up = rng.integers(0, 2, array.shape, dtype=np.uint8).view(bool)
+    return np.nextafter(array, np.where(up, np.inf, -np.inf).astype(array.dtype))
 
 
 def floor_images(images: np.ndarray, seed: int = 0) -> np.ndarray:

@@ -122,11 +122,23 @@ def load_pair(sources: Sources) -> ModelPair:
     return _twins(sources, sources.classifier_activation)
 
 
-def _load_images(path: str, channels: int, dtype: str, min_size: int = 1) -> np.ndarray:
+def read_images(path: str) -> np.ndarray:
+    """An .npy array of images, checked for what needs no model (rank, float dtype, finite values): read before the
+    models load, so that bad images fail in a moment; the channels and size are checked against the model after."""
     try:
         images = np.load(path, allow_pickle=False)  # never unpickle
     except (OSError, ValueError) as error:
         raise InputError(f"{path}: not a readable .npy array of images ({error})") from None
+    if not isinstance(images, np.ndarray) or images.ndim != 4:
+        raise InputError(f"expected images of rank 4 (N, H, W, C); received shape {np.shape(images)}")
+    if images.dtype not in (np.float32, np.float64):
+        raise InputError(f"expected float32 or float64 images; received {images.dtype}")
+    if not np.all(np.isfinite(images)):
+        raise InputError(f"expected finite images; received {int((~np.isfinite(images)).sum())} NaN/Inf values")
+    return images
+
+
+def _model_images(images: np.ndarray, channels: int, dtype: str, min_size: int = 1) -> np.ndarray:
     images = check_images(images, channels, min_size=min_size)
     if images.dtype != dtype:
         if images.dtype == np.float64:
@@ -135,12 +147,13 @@ def _load_images(path: str, channels: int, dtype: str, min_size: int = 1) -> np.
     return images
 
 
-def comparison_images(sources: Sources, keras_model: keras.Model) -> np.ndarray:
-    """The images ``verify`` runs: the file given, or seeded ones of the asked batch and size."""
+def comparison_images(sources: Sources, keras_model: keras.Model, images: np.ndarray | None = None) -> np.ndarray:
+    """The images ``verify`` runs: those given (``images``, or read from ``sources.images``), or seeded ones of the
+    asked batch and size; checked against the model."""
     dtype = model_dtype(keras_model)
     _, height, width, channels = keras_model.input_shape
-    if sources.images:
-        images = _load_images(sources.images, channels, dtype)
+    if sources.images or images is not None:
+        images = _model_images(read_images(sources.images) if images is None else images, channels, dtype)
     else:
         batch, size = sources.batch or DEFAULT_BATCH, sources.size or DEFAULT_SIZE
         images = seeded_images(batch, *size, channels, seed=sources.seed + 1, dtype=dtype)
@@ -151,10 +164,11 @@ def comparison_images(sources: Sources, keras_model: keras.Model) -> np.ndarray:
 
 def verify_sources(sources: Sources) -> VerifyReport:
     """``resnet34-parity verify``: load and compare, stage by stage, against Keras."""
+    given = read_images(sources.images) if sources.images else None
     pair = load_pair(sources)
     if sources.onnx and model_dtype(pair.keras_model) != "float32":
         raise InputError("--onnx compares a float32 ONNX file; run it with --dtype float32")
-    images = comparison_images(sources, pair.keras_model)
+    images = comparison_images(sources, pair.keras_model, given)
     report = verify_models(pair.keras_model, pair.torch_model, images, onnx_path=sources.onnx, seed=sources.seed)
     report.cast = pair.cast
     if pair.source is not None:
@@ -188,8 +202,11 @@ def training_pair(sources: Sources) -> ModelPair:
     return cast
 
 
-def training_data(sources: Sources, keras_model: keras.Model, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """(K, N, H, W, C) images and (K, N) labels, one batch per step; or one batch from --images, reused."""
+def training_data(
+    sources: Sources, keras_model: keras.Model, steps: int, images: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(K, N, H, W, C) images and (K, N) labels, one batch per step; or one batch of ``images`` (or read from
+    ``sources.images``), reused."""
     dtype = model_dtype(keras_model)
     classes = int(keras_model.outputs[0].shape[-1])
     _, height, width, channels = keras_model.input_shape
@@ -198,8 +215,8 @@ def training_data(sources: Sources, keras_model: keras.Model, steps: int) -> tup
     if (height, width) != (None, None):
         size = (height, width)
     rng = np.random.default_rng(sources.seed + 2)
-    if sources.images:
-        images = _load_images(sources.images, channels, dtype, min_size=2)
+    if sources.images or images is not None:
+        images = _model_images(read_images(sources.images) if images is None else images, channels, dtype, 2)
         return images, rng.integers(0, classes, images.shape[0])  # the same batch every step
     images = np.stack(
         [seeded_images(batch, *size, channels, seed=sources.seed + 1 + k, dtype=dtype) for k in range(steps)]
@@ -232,8 +249,9 @@ def prepare_training(sources: Sources, choice: TrainingChoice) -> PreparedTraini
     for flag, value in (("--learning-rate", choice.learning_rate), ("--weight-decay", choice.weight_decay)):
         if value is not None and (not math.isfinite(value) or value < 0 or (flag == "--learning-rate" and value == 0)):
             raise InputError(f"{flag} must be a finite positive number; received {value}")
+    given = read_images(sources.images) if sources.images else None  # bad images fail before the models load
     pair = training_pair(sources)
-    images, labels = training_data(sources, pair.keras_model, choice.steps)
+    images, labels = training_data(sources, pair.keras_model, choice.steps, given)
     compiled = getattr(pair.keras_model, "optimizer", None)
     if choice.optimizer is None and compiled is not None and (choice.learning_rate or choice.weight_decay is not None):
         raise InputError(

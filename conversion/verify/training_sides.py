@@ -156,9 +156,11 @@ def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
     return float(as_numpy(optimizer.learning_rate))
 
 
-def _keras_state(keras_model: keras.Model, optimizer: keras.optimizers.Optimizer) -> tuple[dict, dict]:
-    state = {v.path: as_numpy(v) for v in keras_model.weights}
-    slots = {key: as_numpy(v) for key, v in slot_variables(optimizer, keras_model.trainable_variables).items()}
+def _keras_state(keras_model: keras.Model, optimizer: keras.optimizers.Optimizer, live: bool) -> tuple[dict, dict]:
+    """Every weight and slot: copies, or (``live``) the variables themselves, read when compared."""
+    read = (lambda v: v) if live else as_numpy
+    state = {v.path: read(v) for v in keras_model.weights}
+    slots = {key: read(v) for key, v in slot_variables(optimizer, keras_model.trainable_variables).items()}
     return state, slots
 
 
@@ -193,8 +195,13 @@ def keras_steps(
     batches: Sequence[tuple[np.ndarray, np.ndarray]],
     keras_optimizer: keras.optimizers.Optimizer,
     keras_loss: keras.losses.Loss,
+    *,
+    live: bool = False,
 ) -> Iterator[KerasStep]:
-    """Yield the state before training (step -1), then what each ``train_on_batch`` did (trains in place)."""
+    """Yield the state before training (step -1), then what each ``train_on_batch`` did (trains in place).
+
+    ``live``: a step's ``state`` and ``slots`` hold the variables themselves, valid only until the next step (a floor
+    run, read once and dropped: no 21M-parameter copies kept)."""
     if keras.backend.backend() != "tensorflow":
         raise ConversionError(
             f"verify --train reads Keras's train_step on TensorFlow; backend is {keras.backend.backend()}"
@@ -203,13 +210,13 @@ def keras_steps(
         keras_model.compile(optimizer=keras_optimizer, loss=keras_loss, run_eagerly=True)
     if not keras_optimizer.built:
         keras_optimizer.build(keras_model.trainable_variables)
-    state, slots = _keras_state(keras_model, keras_optimizer)
+    state, slots = _keras_state(keras_model, keras_optimizer, live)
     yield KerasStep(-1, None, None, None, {}, state, slots)
     with _recording(keras_model, keras_optimizer) as seen:
         for index, (x, y) in enumerate(batches):
             learning_rate = current_learning_rate(keras_optimizer)
             keras_model.train_on_batch(x, y)
-            state, slots = _keras_state(keras_model, keras_optimizer)
+            state, slots = _keras_state(keras_model, keras_optimizer, live)
             yield KerasStep(index, learning_rate, seen["loss"], seen["y_pred"], seen["grads"], state, slots)
 
 
@@ -260,4 +267,5 @@ def torch_step(
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
+    torch_model.zero_grad(set_to_none=True)  # the copies above are what is compared; free the model's own
     return TorchStep(float(loss.detach()), output.detach().cpu().numpy(), grads, counts)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -222,7 +223,8 @@ def _keras_floor_steps(
     paths = {v.path: w.path for v, w in zip(keras_model.weights, twin.weights, strict=True)}
     floor_loss = training.keras_loss_with_dtype(loss, "float64")
     floor_batches = [(x, y.astype(np.float64) if np.asarray(y).dtype.kind == "f" else y) for x, y in batches]
-    return twin, keras_steps(twin, floor_batches, optimizer_like(optimizer, twin), floor_loss), paths
+    steps = keras_steps(twin, floor_batches, optimizer_like(optimizer, twin), floor_loss, live=True)
+    return twin, steps, paths
 
 
 def _keras_floor(now: KerasStep, floor_now: KerasStep, paths: dict[str, str]) -> dict[tuple, float]:
@@ -231,12 +233,12 @@ def _keras_floor(now: KerasStep, floor_now: KerasStep, paths: dict[str, str]) ->
         ("loss",): abs(now.loss - floor_now.loss) / (abs(now.loss) or 1.0),
         ("y_pred",): distance(now.y_pred, floor_now.y_pred) / scale(now.y_pred),
     }
-    for path, value in now.state.items():
-        floor[("state", path)] = distance(value, floor_now.state[paths[path]]) / scale(value)
+    for path, value in now.state.items():  # the floor run's variables are live: each read once, then dropped
+        floor[("state", path)] = distance(value, as_numpy(floor_now.state[paths[path]])) / scale(value)
     for path, value in now.grads.items():
         floor[("grad", path)] = distance(value, floor_now.grads[paths[path]]) / scale(value)
     for (path, slot), value in now.slots.items():
-        floor[("slot", path, slot)] = distance(value, floor_now.slots[(paths[path], slot)]) / scale(value)
+        floor[("slot", path, slot)] = distance(value, as_numpy(floor_now.slots[(paths[path], slot)])) / scale(value)
     return floor
 
 
@@ -375,7 +377,7 @@ def verify_training(
     floor_side.model.train()
     rows: list[TrainingStep] = []
     first: DivergentTensor | None = None
-    diagnosis = None
+    diagnosis = now = t = t_floor = None
     for index, ((x, y), (x_floor, _)) in enumerate(zip(batches, floor_batches, strict=True)):
         now = next(keras_iter, None)
         if now is None:
@@ -421,6 +423,10 @@ def verify_training(
     if reference is None:
         top1 = _top1(keras_model, torch_model, keras_floor, floor_side.model, batches, floor_batches, device)
     torch_model.eval()
+    # The floor twins hold a model, its gradients and its optimizer's slots each (GBs in float64), in reference
+    # cycles (Keras layers, torch optimizers): free them now, not whenever the collector next runs.
+    del keras_floor, floor_iter, floor_side, prev, now, t, t_floor
+    gc.collect()
     return TrainingReport(
         agree=first is None and (top1 is None or top1.agree),
         dtype=dtype,
