@@ -17,6 +17,7 @@ _EXPORTS = {
         "KerasRuleOptimizer",
         "keras_optimizer",
         "keras_rule",
+        "nadam_u_product",
         "optimizer_state_to_keras",
         "optimizer_state_to_torch",
         "torch_optimizer",

@@ -11,18 +11,31 @@ What Keras 3 (TensorFlow backend) computes, read from its source and reproduced 
   Adam ``m += (g - m)*(1 - b1); v += (g*g - v)*(1 - b2); w -= m*alpha / (sqrt(v) + eps)`` with
   ``alpha = lr*sqrt(1 - b2^t) / (1 - b1^t)``; RMSprop ``v = rho*v + (1 - rho)*g*g``,
   ``w -= lr*g / sqrt(v + eps)`` (eps inside the root; centered subtracts ``avg_g^2``; momentum
-  accumulates the increment).
+  accumulates the increment);
+  Nadam ``m``, ``v`` as Adam's, ``u_t = b1*(1 - 0.5*0.96^t)``, ``P_t = u_1*...*u_t`` (``_u_product``, one
+  variable for all, updated once per apply before the update steps), ``m_hat = u_{t+1}*m / (1 - P_t*u_{t+1})
+  + (1 - u_t)*g / (1 - P_t)``, ``w -= m_hat*lr / (sqrt(v / (1 - b2^t)) + eps)``;
+  Adamax ``m`` as Adam's, ``u = max(b2*u, |g|)`` (slot ``norm``), ``w -= lr*m / ((1 - b1^t)*(u + eps))``;
+  Adagrad ``s += g*g`` (slot ``accumulator``, starting at ``initial_accumulator_value``),
+  ``w -= lr*g / sqrt(s + eps)``; Adadelta ``a = rho*a + (1 - rho)*g*g``,
+  ``d = -sqrt(b + eps)*g / sqrt(a + eps)``, ``b = rho*b + (1 - rho)*d*d``, ``w += lr*d`` (slots
+  ``accumulated_grad``, ``accumulated_delta_var``); Lion ``w -= lr*sign(b1*m + (1 - b1)*g)`` then
+  ``m = b2*m + (1 - b2)*g``.
 - Roundings: ``ops.cast(python_float, "float64")`` goes through float32 on TensorFlow, so SGD's momentum,
-  Adam's betas inside ``b^t`` and ``weight_decay`` are float32 numbers even for float64 variables; the
-  constant learning rate lives in a floatx (float32) variable; a schedule computes in float32 (the dtype
-  of its Python initial rate) with TensorFlow's own pow/cos, which are not correctly rounded in float32
-  (1 ulp off torch's in ~4% of arguments). Every other Python hyperparameter (``1 - b1``, ``eps``,
-  ``rho``, RMSprop's momentum, clip thresholds) enters exactly in the variable's dtype.
+  the betas of Adam and Adamax inside ``b^t``, Nadam's and Lion's betas everywhere (``1 - b1`` too, computed
+  from the float32 number), Nadam's 0.96 in its update step, Adagrad's initial accumulator (a Constant
+  initializer) and ``weight_decay`` are float32 numbers even for float64 variables; the constant learning
+  rate lives in a floatx (float32) variable; a schedule computes in float32 (the dtype of its Python
+  initial rate) with TensorFlow's own pow/cos, which are not correctly rounded in float32 (1 ulp off torch's
+  in ~4% of arguments). Every other Python hyperparameter (Adam's and Adamax's ``1 - b1``, Adamax's ``b2``,
+  ``eps``, ``rho``, RMSprop's momentum, Nadam's ``b1`` and 0.96 in ``_u_product``, clip thresholds) enters
+  exactly in the variable's dtype.
 
 So that the torch side agrees to rounding (~1e-13 in float64 after 10 steps), ``KerasRuleOptimizer``
-computes each step's SCALARS (learning rate, Adam's ``alpha``) with ``keras.ops`` exactly as Keras does, and
-does all tensor work in torch with Keras's operation order. Keras must therefore be importable while it
-steps, and only the TensorFlow backend's roundings are reproduced.
+computes each step's SCALARS (learning rate, Adam's ``alpha``, Nadam's ``u_t`` and ``_u_product``...) with
+``keras.ops`` exactly as Keras does, and does all tensor work in torch with Keras's operation order (the rules
+added with Nadam take a correctly rounded sqrt, as TensorFlow's, where torch's CPU one is not). Keras must
+therefore be importable while it steps, and only the TensorFlow backend's roundings are reproduced.
 """
 
 from __future__ import annotations
@@ -40,17 +53,22 @@ from torch import nn
 from conversion.errors import ConversionError
 from conversion.weights import TensorPair
 
-SUPPORTED_KERAS_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
+SUPPORTED_KERAS_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Nadam", "Adamax", "Adagrad", "Adadelta", "Lion")
 
 SUPPORTED_SCHEDULES = ("constant", "ExponentialDecay", "PiecewiseConstantDecay", "CosineDecay")
 
-SUPPORTED_TORCH_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
+SUPPORTED_TORCH_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "NAdam", "Adamax", "Adagrad", "Adadelta")
 
 _KERAS_OPTIMIZER_CLASSES = {
     keras.optimizers.SGD: "SGD",
     keras.optimizers.Adam: "Adam",
     keras.optimizers.AdamW: "AdamW",
     keras.optimizers.RMSprop: "RMSprop",
+    keras.optimizers.Nadam: "Nadam",
+    keras.optimizers.Adamax: "Adamax",
+    keras.optimizers.Adagrad: "Adagrad",
+    keras.optimizers.Adadelta: "Adadelta",
+    keras.optimizers.Lion: "Lion",
 }
 
 _SCHEDULE_CLASSES = {
@@ -65,13 +83,15 @@ class KerasRule:
     """The update rule of one Keras optimizer, as plain numbers (what ``KerasRuleOptimizer`` computes).
 
     Attributes:
-        optimizer: "SGD", "Adam", "AdamW" or "RMSprop".
+        optimizer: one of ``SUPPORTED_KERAS_OPTIMIZERS`` (Keras's class name).
         learning_rate: the constant rate as Keras stores it (a float32-exact number), or None with a schedule.
         learning_rate_dtype: dtype of Keras's learning-rate variable (floatx when it was made).
         schedule: the Keras schedule (evaluated by Keras at each step), or None.
         momentum, nesterov: SGD and RMSprop.
-        beta_1, beta_2, epsilon, amsgrad: Adam and AdamW (epsilon: RMSprop too).
-        rho, centered: RMSprop.
+        beta_1, beta_2, epsilon, amsgrad: Adam and AdamW (beta_1, beta_2, epsilon: Nadam and Adamax too;
+            beta_1, beta_2: Lion; epsilon: RMSprop, Adagrad and Adadelta).
+        rho, centered: RMSprop (rho: Adadelta too).
+        initial_accumulator_value: Adagrad.
         weight_decay: decoupled weight decay or None.
         clipnorm, clipvalue, global_clipnorm: Keras's clipping options (None when unset).
         iterations_dtype: dtype of Keras's iteration counter (int64 on TensorFlow).
@@ -89,6 +109,7 @@ class KerasRule:
     amsgrad: bool = False
     rho: float = 0.9
     centered: bool = False
+    initial_accumulator_value: float = 0.1
     weight_decay: float | None = None
     clipnorm: float | None = None
     clipvalue: float | None = None
@@ -102,6 +123,8 @@ class KerasRule:
             return ("momentum",) if self.momentum != 0 else ()
         if self.optimizer in ("Adam", "AdamW"):
             return ("momentum", "velocity", "velocity_hat") if self.amsgrad else ("momentum", "velocity")
+        if self.optimizer in _FIXED_SLOTS:
+            return _FIXED_SLOTS[self.optimizer]
         return (
             ("velocity",)
             + (("momentum",) if self.momentum > 0 else ())
@@ -116,6 +139,11 @@ class KerasRule:
             "Adam": ("beta_1", "beta_2", "epsilon", "amsgrad"),
             "AdamW": ("beta_1", "beta_2", "epsilon", "amsgrad"),
             "RMSprop": ("rho", "momentum", "epsilon", "centered"),
+            "Nadam": ("beta_1", "beta_2", "epsilon"),
+            "Adamax": ("beta_1", "beta_2", "epsilon"),
+            "Adagrad": ("initial_accumulator_value", "epsilon"),
+            "Adadelta": ("rho", "epsilon"),
+            "Lion": ("beta_1", "beta_2"),
         }[self.optimizer] + ("weight_decay", "clipnorm", "clipvalue", "global_clipnorm")
         options = ", ".join(f"{k}={fields[k]}" for k in shown if fields[k] is not None)
         rate = (
@@ -126,12 +154,26 @@ class KerasRule:
         return f"Keras {self.optimizer}(learning_rate={rate}, {options})"
 
 
+# The slots of the rules whose slots do not depend on their options, in Keras's creation order.
+_FIXED_SLOTS = {
+    "Nadam": ("momentum", "velocity"),
+    "Adamax": ("momentum", "norm"),
+    "Adagrad": ("accumulator",),
+    "Adadelta": ("accumulated_grad", "accumulated_delta_var"),
+    "Lion": ("momentum",),
+}
+
 # Keras's slot lists: the attribute each optimizer's update_step indexes with _get_variable_index.
 _SLOT_ATTRIBUTES = {
     "SGD": {"momentum": "momentums"},
     "Adam": {"momentum": "_momentums", "velocity": "_velocities", "velocity_hat": "_velocity_hats"},
     "AdamW": {"momentum": "_momentums", "velocity": "_velocities", "velocity_hat": "_velocity_hats"},
     "RMSprop": {"velocity": "_velocities", "momentum": "_momentums", "average_gradient": "_average_gradients"},
+    "Nadam": {"momentum": "_momentums", "velocity": "_velocities"},
+    "Adamax": {"momentum": "_m", "norm": "_u"},
+    "Adagrad": {"accumulator": "_accumulators"},
+    "Adadelta": {"accumulated_grad": "_accumulated_grads", "accumulated_delta_var": "_accumulated_delta_vars"},
+    "Lion": {"momentum": "_momentums"},
 }
 
 
@@ -216,6 +258,14 @@ def keras_rule(keras_optimizer: keras.optimizers.Optimizer) -> KerasRule:
             epsilon=num("epsilon"),
             amsgrad=bool(keras_optimizer.amsgrad),
         )
+    if kind in ("Nadam", "Adamax"):
+        return KerasRule(**common, beta_1=num("beta_1"), beta_2=num("beta_2"), epsilon=num("epsilon"))
+    if kind == "Lion":
+        return KerasRule(**common, beta_1=num("beta_1"), beta_2=num("beta_2"))
+    if kind == "Adagrad":
+        return KerasRule(**common, initial_accumulator_value=num("initial_accumulator_value"), epsilon=num("epsilon"))
+    if kind == "Adadelta":
+        return KerasRule(**common, rho=num("rho"), epsilon=num("epsilon"))
     return KerasRule(
         **common,
         rho=num("rho"),
@@ -230,14 +280,44 @@ def _through_float32(value: float) -> float:
     return value if isinstance(value, int) else float(np.float32(value))
 
 
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    """A correctly rounded square root, as TensorFlow's and numpy's.
+
+    torch's CPU sqrt is not (torch 2.14.1 with MKL: 1 ulp off in ~1% of float64 and ~17% of float32 elements);
+    on a GPU torch's sqrt is correctly rounded.
+    """
+    return torch.from_numpy(np.asarray(np.sqrt(x.numpy()))) if x.device.type == "cpu" else torch.sqrt(x)
+
+
+def _next_u_product(u_product: float, beta_1: float, iterations: int, dtype: str) -> float:
+    """Nadam's ``_u_product`` after one more apply: Keras's own expression, on keras.ops, in ``dtype``.
+
+    Keras multiplies by the Python ``beta_1`` and 0.96 here (exact in ``dtype``), where its update step casts
+    both through float32: the two disagree in float64, and both are reproduced.
+    """
+    u = ops.convert_to_tensor(np.asarray(u_product, dtype))
+    step = ops.cast(ops.convert_to_tensor(iterations + 1, "int64"), dtype)
+    return float(ops.convert_to_numpy(ops.multiply(u, beta_1) * (1.0 - 0.5 * ops.power(0.96, step))))
+
+
+def nadam_u_product(beta_1: float, iterations: int, dtype: str) -> float:
+    """Keras Nadam's ``_u_product`` after ``iterations`` applies with gradients, in ``dtype`` (1 before any)."""
+    u_product = 1.0
+    for iteration in range(iterations):
+        u_product = _next_u_product(u_product, beta_1, iteration, dtype)
+    return u_product
+
+
 class KerasRuleOptimizer(torch.optim.Optimizer):
     """A torch optimizer whose ``step()`` is a Keras 3 optimizer's ``apply`` (TensorFlow backend), exactly.
 
-    Per-parameter state uses Keras's slot names (``momentum``, ``velocity``, ``velocity_hat``,
-    ``average_gradient``); ``iterations`` is Keras's iteration counter (global, like Keras's, saved in
-    ``state_dict()["keras_iterations"]``). With a constant rate, ``param_groups[g]["lr"]`` is the rate; like
-    Keras's variable it is rounded to ``rule.learning_rate_dtype`` when used. Parameters without a gradient
-    are skipped (no clipping share, no decay), as Keras filters them; the counter still advances.
+    Per-parameter state uses Keras's slot names (``KerasRule.slots``: ``momentum``, ``velocity``, ``norm``,
+    ``accumulator``...); ``iterations`` is Keras's iteration counter (global, like Keras's, saved in
+    ``state_dict()["keras_iterations"]``). Nadam's ``u_product`` is Keras's ``_u_product`` (global too, in the
+    dtype of the first parameter as Keras's is in its first variable's; ``state_dict()["keras_u_product"]``).
+    With a constant rate, ``param_groups[g]["lr"]`` is the rate; like Keras's variable it is rounded to
+    ``rule.learning_rate_dtype`` when used. Parameters without a gradient are skipped (no clipping share, no
+    decay), as Keras filters them; the counter still advances.
 
     Build it with ``torch_optimizer(keras_optimizer, torch_model)``.
     """
@@ -245,6 +325,7 @@ class KerasRuleOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], rule: KerasRule) -> None:
         self.rule = rule
         self.iterations = 0
+        self.u_product = 1.0
         self._constants: dict[tuple[float, torch.dtype, torch.device], torch.Tensor] = {}
         defaults = {
             f.name: getattr(rule, f.name)
@@ -255,16 +336,23 @@ class KerasRuleOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus ``keras_iterations``."""
+        """torch's state dict plus ``keras_iterations`` (and Nadam's ``keras_u_product``)."""
         state = super().state_dict()
         state["keras_iterations"] = self.iterations
+        if self.rule.optimizer == "Nadam":
+            state["keras_u_product"] = self.u_product
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load torch's state dict and ``keras_iterations``."""
+        """Load torch's state dict, ``keras_iterations`` and Nadam's ``keras_u_product``."""
         state_dict = dict(state_dict)
         self.iterations = int(state_dict.pop("keras_iterations", 0))
+        self.u_product = float(state_dict.pop("keras_u_product", 1.0))
         super().load_state_dict(state_dict)
+
+    def _u_product_dtype(self) -> str:
+        """Keras makes ``_u_product`` in its first variable's dtype; here, the first parameter's."""
+        return str(self.param_groups[0]["params"][0].dtype).removeprefix("torch.")
 
     def learning_rate(self, group: dict[str, Any] | None = None) -> np.generic:
         """The rate Keras uses at the current ``iterations`` (a numpy scalar of Keras's dtype)."""
@@ -276,16 +364,40 @@ class KerasRuleOptimizer(torch.optim.Optimizer):
 
     def _step_scalars(self, lr: np.generic, dtype: torch.dtype) -> dict[str, float]:
         """This step's scalars in one variable dtype, computed with keras.ops as Keras's update_step does."""
-        keras_dtype = str(dtype).removeprefix("torch.")
-        scalars = {"lr": float(ops.convert_to_numpy(ops.cast(ops.convert_to_tensor(lr), keras_dtype)))}
-        if self.rule.optimizer in ("Adam", "AdamW"):
-            lr_t = ops.cast(ops.convert_to_tensor(lr), keras_dtype)
-            local_step = ops.cast(ops.convert_to_tensor(self.iterations + 1, self.rule.iterations_dtype), keras_dtype)
-            beta_1_power = ops.power(ops.cast(self.rule.beta_1, keras_dtype), local_step)
-            beta_2_power = ops.power(ops.cast(self.rule.beta_2, keras_dtype), local_step)
-            alpha = lr_t * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
-            scalars["alpha"] = float(ops.convert_to_numpy(alpha))
-        return scalars
+        rule, keras_dtype = self.rule, str(dtype).removeprefix("torch.")
+        lr_t = ops.cast(ops.convert_to_tensor(lr), keras_dtype)
+        scalars = {"lr": lr_t}
+
+        def step(offset: int) -> object:
+            return ops.cast(ops.convert_to_tensor(self.iterations + offset, rule.iterations_dtype), keras_dtype)
+
+        # ops.cast of a Python float goes through float32: Keras casts exactly these hyperparameters.
+        if rule.optimizer in ("Adam", "AdamW"):
+            beta_1_power = ops.power(ops.cast(rule.beta_1, keras_dtype), step(1))
+            beta_2_power = ops.power(ops.cast(rule.beta_2, keras_dtype), step(1))
+            scalars["alpha"] = lr_t * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+        elif rule.optimizer == "Adamax":
+            scalars["one_minus_beta_1_power"] = 1 - ops.power(ops.cast(rule.beta_1, keras_dtype), step(1))
+        elif rule.optimizer == "Nadam":
+            decay = ops.cast(0.96, keras_dtype)
+            beta_1, beta_2 = ops.cast(rule.beta_1, keras_dtype), ops.cast(rule.beta_2, keras_dtype)
+            u_t = beta_1 * (1.0 - 0.5 * (ops.power(decay, step(1))))
+            u_t_1 = beta_1 * (1.0 - 0.5 * (ops.power(decay, step(2))))
+            u_product = ops.convert_to_tensor(np.asarray(self.u_product, self._u_product_dtype()))
+            u_product_t = ops.cast(u_product, keras_dtype)
+            scalars.update(
+                one_minus_beta_1=1 - beta_1,
+                one_minus_beta_2=1 - beta_2,
+                u_t_1=u_t_1,
+                one_minus_u_product_t_1=1 - u_product_t * u_t_1,
+                one_minus_u_t=1 - u_t,
+                one_minus_u_product_t=1 - u_product_t,
+                one_minus_beta_2_power=1 - ops.power(beta_2, step(1)),
+            )
+        elif rule.optimizer == "Lion":
+            beta_1, beta_2 = ops.cast(rule.beta_1, keras_dtype), ops.cast(rule.beta_2, keras_dtype)
+            scalars.update(beta_1=beta_1, one_minus_beta_1=1.0 - beta_1, beta_2=beta_2, one_minus_beta_2=1.0 - beta_2)
+        return {name: float(ops.convert_to_numpy(value)) for name, value in scalars.items()}
 
     def _clipped(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         rule = self.rule
@@ -317,6 +429,10 @@ class KerasRuleOptimizer(torch.optim.Optimizer):
                 loss = closure()
         entries = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
         if entries:
+            if self.rule.optimizer == "Nadam":  # Keras updates it once per apply, before any update step
+                self.u_product = _next_u_product(
+                    self.u_product, self.rule.beta_1, self.iterations, self._u_product_dtype()
+                )
             grads = self._clipped([p.grad for p, _ in entries])
             scalars: dict[tuple[int, torch.dtype, torch.device], dict[str, torch.Tensor]] = {}
 
@@ -331,12 +447,24 @@ class KerasRuleOptimizer(torch.optim.Optimizer):
                 for p, group in entries:
                     wd = self._const(_through_float32(self.rule.weight_decay), p)
                     p.sub_(p * wd * scalars_for(p, group)["lr"])
-            update = {"SGD": self._sgd, "Adam": self._adam, "AdamW": self._adam, "RMSprop": self._rmsprop}
+            update = {
+                "SGD": self._sgd,
+                "Adam": self._adam,
+                "AdamW": self._adam,
+                "RMSprop": self._rmsprop,
+                "Nadam": self._nadam,
+                "Adamax": self._adamax,
+                "Adagrad": self._adagrad,
+                "Adadelta": self._adadelta,
+                "Lion": self._lion,
+            }
             for (p, group), g in zip(entries, grads, strict=True):
                 state = self.state[p]
                 for slot in self.rule.slots:
                     if slot not in state:
-                        state[slot] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        state[slot] = torch.full_like(
+                            p, initial_slot_value(self.rule, slot), memory_format=torch.preserve_format
+                        )
                 update[self.rule.optimizer](p, g.to(p.dtype), state, scalars_for(p, group))
         self.iterations += 1
         return loss
@@ -388,16 +516,66 @@ class KerasRuleOptimizer(torch.optim.Optimizer):
         else:
             p.sub_(increment)
 
+    def _nadam(self, p: torch.Tensor, g: torch.Tensor, state: dict, scalars: dict[str, torch.Tensor]) -> None:
+        """Keras's Nadam.update_step on one parameter."""
+        m, v = state["momentum"], state["velocity"]
+        m.add_((g - m) * scalars["one_minus_beta_1"])
+        v.add_((g * g - v) * scalars["one_minus_beta_2"])
+        momentum_part = (scalars["u_t_1"] * m) / scalars["one_minus_u_product_t_1"]
+        gradient_part = (scalars["one_minus_u_t"] * g) / scalars["one_minus_u_product_t"]
+        m_hat = momentum_part + gradient_part
+        v_hat = v / scalars["one_minus_beta_2_power"]
+        p.sub_((m_hat * scalars["lr"]) / (_sqrt(v_hat) + self._const(self.rule.epsilon, p)))
+
+    def _adamax(self, p: torch.Tensor, g: torch.Tensor, state: dict, scalars: dict[str, torch.Tensor]) -> None:
+        """Keras's Adamax.update_step on one parameter."""
+        rule = self.rule
+        m, u = state["momentum"], state["norm"]
+        m.add_((g - m) * self._const(1 - rule.beta_1, p))
+        u.copy_(torch.maximum(self._const(rule.beta_2, p) * u, torch.abs(g)))
+        p.sub_((scalars["lr"] * m) / (scalars["one_minus_beta_1_power"] * (u + self._const(rule.epsilon, p))))
+
+    def _adagrad(self, p: torch.Tensor, g: torch.Tensor, state: dict, scalars: dict[str, torch.Tensor]) -> None:
+        """Keras's Adagrad.update_step on one parameter."""
+        accumulator = state["accumulator"]
+        accumulator.add_(g * g)
+        p.sub_((scalars["lr"] * g) / _sqrt(accumulator + self._const(self.rule.epsilon, p)))
+
+    def _adadelta(self, p: torch.Tensor, g: torch.Tensor, state: dict, scalars: dict[str, torch.Tensor]) -> None:
+        """Keras's Adadelta.update_step on one parameter."""
+        rule = self.rule
+        rho, one_minus_rho = self._const(rule.rho, p), self._const(1 - rule.rho, p)
+        epsilon = self._const(rule.epsilon, p)
+        accumulated_grad, accumulated_delta = state["accumulated_grad"], state["accumulated_delta_var"]
+        accumulated_grad.copy_(rho * accumulated_grad + one_minus_rho * (g * g))
+        delta = -((_sqrt(accumulated_delta + epsilon) * g) / _sqrt(accumulated_grad + epsilon))
+        accumulated_delta.copy_(rho * accumulated_delta + one_minus_rho * (delta * delta))
+        p.add_(scalars["lr"] * delta)
+
+    def _lion(self, p: torch.Tensor, g: torch.Tensor, state: dict, scalars: dict[str, torch.Tensor]) -> None:
+        """Keras's Lion.update_step on one parameter."""
+        m = state["momentum"]
+        p.sub_(scalars["lr"] * torch.sign(m * scalars["beta_1"] + g * scalars["one_minus_beta_1"]))
+        m.copy_(m * scalars["beta_2"] + g * scalars["one_minus_beta_2"])
+
+
+def initial_slot_value(rule: KerasRule, slot: str) -> float:
+    """The value Keras starts a slot at: 0, or Adagrad's ``initial_accumulator_value`` (cast through float32)."""
+    if rule.optimizer == "Adagrad" and slot == "accumulator":
+        return _through_float32(rule.initial_accumulator_value)  # keras.initializers.Constant uses ops.cast
+    return 0.0
+
 
 def torch_optimizer(keras_optimizer: keras.optimizers.Optimizer, torch_model: nn.Module) -> KerasRuleOptimizer:
     """A torch optimizer over ``torch_model``'s trainable parameters that steps exactly like ``keras_optimizer``.
 
-    It starts fresh (``iterations`` 0, zero slots); to continue a Keras run, call ``optimizer_state_to_torch``.
+    It starts fresh (``iterations`` 0, slots as Keras starts them); to continue a Keras run, call
+    ``optimizer_state_to_torch``.
 
     Args:
-        keras_optimizer: a ``keras.optimizers`` SGD, Adam, AdamW or RMSprop, with a constant rate or an
-            ExponentialDecay, PiecewiseConstantDecay or CosineDecay schedule, and any of weight_decay,
-            clipnorm, clipvalue, global_clipnorm.
+        keras_optimizer: a ``keras.optimizers`` SGD, Adam, AdamW, RMSprop, Nadam, Adamax, Adagrad, Adadelta or
+            Lion, with a constant rate or an ExponentialDecay, PiecewiseConstantDecay or CosineDecay schedule,
+            and any of weight_decay, clipnorm, clipvalue, global_clipnorm.
         torch_model: the torch twin (its parameters with ``requires_grad`` are optimised).
 
     Returns:
@@ -460,7 +638,8 @@ def _slot_plan(
 def optimizer_state_to_torch(
     keras_optimizer: keras.optimizers.Optimizer, torch_opt: KerasRuleOptimizer, pairs: Sequence[TensorPair]
 ) -> None:
-    """Copy a built Keras optimizer's state into ``torch_opt``: slots (layout changed), ``iterations``, constant rate.
+    """Copy a built Keras optimizer's state into ``torch_opt``: slots (layout changed), ``iterations``, constant rate
+    (and Nadam's ``_u_product``).
 
     Args:
         keras_optimizer: the Keras optimizer, built on the Keras model's trainable variables.
@@ -479,6 +658,8 @@ def optimizer_state_to_torch(
                 raise ConversionError(f"{pair.path}: slot {slot} is {value.dtype} in Keras, {target.dtype} in torch")
             torch_opt.state[target][slot] = torch.from_numpy(value).to(target.device)
     torch_opt.iterations = int(keras.ops.convert_to_numpy(keras_optimizer.iterations))
+    if torch_opt.rule.optimizer == "Nadam":
+        torch_opt.u_product = float(keras.ops.convert_to_numpy(keras_optimizer._u_product))
     if torch_opt.rule.schedule is None and isinstance(keras_optimizer._learning_rate, keras.Variable):
         for group in torch_opt.param_groups:
             group["lr"] = float(keras.ops.convert_to_numpy(keras_optimizer._learning_rate))
@@ -487,9 +668,11 @@ def optimizer_state_to_torch(
 def optimizer_state_to_keras(
     torch_opt: KerasRuleOptimizer, keras_optimizer: keras.optimizers.Optimizer, pairs: Sequence[TensorPair]
 ) -> None:
-    """Copy ``torch_opt``'s state into a built Keras optimizer: slots, ``iterations``, constant rate.
+    """Copy ``torch_opt``'s state into a built Keras optimizer: slots, ``iterations``, constant rate (and Nadam's
+    ``_u_product``).
 
-    Slots the torch side has not created yet (no step taken) are written as zeros, as Keras starts them.
+    Slots the torch side has not created yet (no step taken) are written as Keras starts them (zeros, or
+    Adagrad's initial accumulator value).
 
     Args:
         torch_opt: the ``KerasRuleOptimizer`` over the torch twin.
@@ -504,15 +687,32 @@ def optimizer_state_to_keras(
         state = torch_opt.state.get(pair.torch_tensor, {})
         value = state.get(slot)
         array = (
-            np.zeros(tuple(variable.shape), keras.backend.standardize_dtype(variable.dtype))
+            np.full(
+                tuple(variable.shape),
+                initial_slot_value(torch_opt.rule, slot),
+                keras.backend.standardize_dtype(variable.dtype),
+            )
             if value is None
             else pair.to_keras(value.detach().cpu().numpy())
         )
         variable.assign(array)
     keras_optimizer.iterations.assign(torch_opt.iterations)
+    if torch_opt.rule.optimizer == "Nadam":
+        keras_optimizer._u_product.assign(torch_opt.u_product)
     if torch_opt.rule.schedule is None and isinstance(keras_optimizer._learning_rate, keras.Variable):
         keras_optimizer._learning_rate.assign(float(torch_opt.param_groups[0]["lr"]))
 
+
+_TORCH_OPTIMIZER_CLASSES = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.RMSprop,
+    torch.optim.NAdam,
+    torch.optim.Adamax,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+)
 
 # torch options that choose an implementation, not the arithmetic rule.
 _IMPLEMENTATION_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
@@ -526,25 +726,31 @@ def keras_optimizer(
     Equivalences (torch -> Keras): SGD(momentum, nesterov) -> SGD; SGD(weight_decay) WITHOUT momentum ->
     SGD(weight_decay) (``w - lr*(g + wd*w)`` is Keras's decay-then-step); Adam(eps=0, amsgrad) -> Adam(epsilon=0);
     AdamW(eps=0) and Adam(decoupled_weight_decay=True, eps=0) -> AdamW(epsilon=0); RMSprop(eps=0, momentum,
-    centered) -> RMSprop(epsilon=0). Anything else has no Keras equivalent and is refused, naming the
-    parameter: torch's ``eps`` (Adam: ``sqrt(v_hat) + eps`` is ``sqrt(v) + eps*sqrt(1 - b2^t)`` in Keras's form,
-    a step-dependent epsilon; RMSprop: eps outside the root, Keras's inside), coupled ``weight_decay``
-    (L2 inside the moments), ``dampening``, ``maximize``, several param groups, and any ``scheduler``
-    (with SGD momentum torch's velocity keeps the old rate, so no Keras schedule matches).
+    centered) -> RMSprop(epsilon=0); NAdam(momentum_decay=1, eps, decoupled weight decay) -> Nadam(epsilon=eps,
+    weight_decay); Adamax(eps=0) -> Adamax(epsilon=0); Adagrad(eps=0, lr_decay=0, initial_accumulator_value) ->
+    Adagrad(epsilon=0, initial_accumulator_value); Adadelta(rho, eps) -> Adadelta(rho, epsilon=eps). Anything else
+    has no Keras equivalent and is refused, naming the parameter: torch's ``eps`` (Adam: ``sqrt(v_hat) + eps`` is
+    ``sqrt(v) + eps*sqrt(1 - b2^t)`` in Keras's form, a step-dependent epsilon; RMSprop and Adagrad: eps outside
+    the root, Keras's inside; Adamax: eps inside the max, Keras's outside), NAdam's ``momentum_decay`` (torch's
+    momentum schedule is ``0.96^(t*momentum_decay)``, Keras's ``0.96^t``), Adagrad's ``lr_decay``, coupled
+    ``weight_decay`` (L2 inside the moments), ``dampening``, ``maximize``, several param groups, and any
+    ``scheduler`` (with SGD momentum torch's velocity keeps the old rate, so no Keras schedule matches).
 
-    Keras on TensorFlow keeps the rate in a float32 variable and casts SGD's momentum, Adam's betas (in
-    ``b^t``) and weight decay through float32: with float64 weights the two agree to rounding only when those
-    hyperparameters are float32 numbers (0.5, 0.875, 2**-6...); otherwise they differ by ~1e-8 relative.
+    Keras on TensorFlow keeps the rate in a float32 variable and casts SGD's momentum, the betas of Adam and
+    Adamax (in ``b^t``) and of Nadam (all but its ``_u_product``), Nadam's constant 0.96, Adagrad's initial
+    accumulator and weight decay through float32: with float64 weights the two agree to rounding only when those
+    hyperparameters are float32 numbers (0.5, 0.875, 2**-6...); otherwise they differ by ~1e-8 relative, and
+    NAdam always does (0.96 is not a float32 number).
 
     Args:
-        torch_opt: a ``torch.optim`` SGD, Adam, AdamW or RMSprop.
+        torch_opt: a ``torch.optim`` SGD, Adam, AdamW, RMSprop, NAdam, Adamax, Adagrad or Adadelta.
         scheduler: the torch lr scheduler driving it, if any (refused: see above).
 
     Returns:
         A new, unbuilt ``keras.optimizers`` optimizer.
     """
     kind = type(torch_opt).__name__
-    if type(torch_opt) not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop):
+    if type(torch_opt) not in _TORCH_OPTIMIZER_CLASSES:
         raise ConversionError(
             f"torch optimizer {kind} has no Keras translation; supported: torch.optim "
             f"{', '.join(SUPPORTED_TORCH_OPTIMIZERS)}"
@@ -607,6 +813,55 @@ def keras_optimizer(
         if weight_decay != 0:
             return keras.optimizers.AdamW(weight_decay=weight_decay, **options)
         return keras.optimizers.Adam(**options)
+    if kind == "Adadelta":  # the same rule, epsilon inside both roots
+        if weight_decay != 0:
+            raise refuse(f"weight_decay={weight_decay}", "torch's Adadelta adds wd*w to the gradient (coupled L2)")
+        return keras.optimizers.Adadelta(learning_rate=lr, rho=number(group["rho"]), epsilon=eps)
+    if kind == "NAdam":
+        momentum_decay = number(group["momentum_decay"])
+        if momentum_decay != 1:
+            raise refuse(
+                f"momentum_decay={momentum_decay}",
+                "torch's momentum schedule is beta1*(1 - 0.5*0.96^(t*momentum_decay)), Keras's "
+                "beta_1*(1 - 0.5*0.96^t); they match only for momentum_decay=1",
+            )
+        if weight_decay != 0 and not group["decoupled_weight_decay"]:
+            raise refuse(
+                f"weight_decay={weight_decay}",
+                "torch's NAdam adds wd*w to the gradient (coupled L2) unless decoupled_weight_decay=True",
+            )
+        beta_1, beta_2 = (number(b) for b in group["betas"])
+        return keras.optimizers.Nadam(
+            learning_rate=lr, beta_1=beta_1, beta_2=beta_2, epsilon=eps, weight_decay=weight_decay or None
+        )
+    if kind == "Adamax":
+        if eps != 0:
+            raise refuse(
+                f"eps={eps}",
+                "torch takes max(b2*u, |g| + eps) and divides by it, Keras takes max(b2*u, |g|) and divides by it "
+                "+ epsilon; they match only for eps=0",
+            )
+        if weight_decay != 0:
+            raise refuse(f"weight_decay={weight_decay}", "torch's Adamax adds wd*w to the gradient (coupled L2)")
+        beta_1, beta_2 = (number(b) for b in group["betas"])
+        return keras.optimizers.Adamax(learning_rate=lr, beta_1=beta_1, beta_2=beta_2, epsilon=0.0)
+    if kind == "Adagrad":
+        if eps != 0:
+            raise refuse(
+                f"eps={eps}", "torch divides by sqrt(s) + eps, Keras by sqrt(s + epsilon); they match only for eps=0"
+            )
+        lr_decay = number(group["lr_decay"])
+        if lr_decay != 0:
+            raise refuse(
+                f"lr_decay={lr_decay}",
+                "torch's rate lr/(1 + (t - 1)*lr_decay) is Keras's InverseTimeDecay, which computes it in float32 "
+                "and is not translated",
+            )
+        if weight_decay != 0:
+            raise refuse(f"weight_decay={weight_decay}", "torch's Adagrad adds wd*w to the gradient (coupled L2)")
+        return keras.optimizers.Adagrad(
+            learning_rate=lr, initial_accumulator_value=number(group["initial_accumulator_value"]), epsilon=0.0
+        )
     if eps != 0:
         raise refuse(
             f"eps={eps}", "torch divides by sqrt(v) + eps, Keras by sqrt(v + epsilon); they match only for eps=0"

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from conversion import training
+from conversion.errors import ConversionError
 from conversion.verify.causes import Cause
 from conversion.verify.noise_floor import Evidence, explains, judge
 from conversion.verify.report import Diagnosis
@@ -237,6 +239,8 @@ def _keras_rule_step(
     variable = keras.Variable(w, name="w")
     proxy.build([variable])
     proxy.iterations.assign(iteration)
+    if isinstance(proxy, keras.optimizers.Nadam):  # its momentum-schedule product is state too, a function of the step
+        proxy._u_product.assign(training.nadam_u_product(proxy.beta_1, iteration, variable.dtype))
     for (_, slot), slot_variable in slot_variables(proxy, [variable]).items():
         if slot in slots:
             slot_variable.assign(slots[slot])
@@ -285,12 +289,19 @@ def _optimizer_hypotheses(
     def keras_step(gradient: np.ndarray, **overrides: object) -> Callable[[], np.ndarray]:
         return lambda: _keras_rule_step(optimizer, w, gradient, slots, step, **overrides)
 
+    try:
+        kept = training.keras_rule(optimizer).slots
+    except ConversionError:
+        kept = ()
+    # Keras's own step recomputed needs every slot it keeps; a run records only some (Adagrad's accumulator...).
+    restorable = step == 0 or all(slot in slots for slot in kept)
+
     def torch_step(cls: type, start: np.ndarray, state: dict, **options: object) -> Callable[[], np.ndarray]:
         return lambda: _torch_rule_step(cls, start, clipped, state, **options)
 
     h: list[tuple[Cause, Callable[[], np.ndarray], str]] = []
     clip = optimizer.clipnorm or optimizer.global_clipnorm
-    if clip:
+    if clip and restorable:
         which = "clipnorm" if optimizer.clipnorm else "global_clipnorm"
         h.append(
             (Cause.CLIP_BY_VALUE, keras_step(np.clip(g, -clip, clip)), f"clipvalue={clip:g} where Keras has {which}")
@@ -300,9 +311,9 @@ def _optimizer_hypotheses(
         else:
             own_norm = float(np.sqrt((g * g).sum()))
             h.append((Cause.CLIP_PER_VARIABLE, keras_step(g * clip / max(own_norm, clip)), ""))
-    if optimizer.clipvalue or clip:
+    if (optimizer.clipvalue or clip) and restorable:
         h.append((Cause.CLIPPING_MISSING, keras_step(g), ""))
-    if wd:
+    if wd and restorable:
         h.append((Cause.WEIGHT_DECAY_COUPLED, keras_step(clipped + wd * w, weight_decay=0.0), f"wd={wd:g}"))
         h.append((Cause.WEIGHT_DECAY_MISSING, keras_step(clipped, weight_decay=0.0), ""))
     if kind == "SGD" and optimizer.momentum:

@@ -513,8 +513,9 @@ def default_optimizer(
 ) -> keras.optimizers.Optimizer:
     """The Keras optimizer ``verify --train --optimizer NAME`` uses, with a schedule that moves every step.
 
-    sgd / nesterov: momentum 0.9, ExponentialDecay(lr, decay_steps=1, decay_rate=0.9); adam / adamw:
-    CosineDecay(lr, decay_steps=steps); rmsprop: centered, momentum 0.9, ExponentialDecay as SGD's.
+    sgd / nesterov: momentum 0.9, ExponentialDecay(lr, decay_steps=1, decay_rate=0.9); adam / adamw / nadam /
+    adamax / lion: CosineDecay(lr, decay_steps=steps); rmsprop: centered, momentum 0.9, ExponentialDecay as SGD's;
+    adagrad / adadelta: ExponentialDecay as SGD's. Keras's defaults otherwise.
     """
     if name not in TRAIN_OPTIMIZERS:
         raise InputError(f"unknown optimizer {name!r}; expected one of {', '.join(TRAIN_OPTIMIZERS)}")
@@ -528,5 +529,12 @@ def default_optimizer(
         return keras.optimizers.Adam(schedules.CosineDecay(lr, decay_steps=max(steps, 1)), weight_decay=wd)
     if name == "adamw":
         return keras.optimizers.AdamW(schedules.CosineDecay(lr, decay_steps=max(steps, 1)), weight_decay=wd or 0.0)
+    cosine = {"nadam": keras.optimizers.Nadam, "adamax": keras.optimizers.Adamax, "lion": keras.optimizers.Lion}
+    if name in cosine:
+        return cosine[name](schedules.CosineDecay(lr, decay_steps=max(steps, 1)), weight_decay=wd)
     rate = schedules.ExponentialDecay(lr, decay_steps=1, decay_rate=0.9)
+    if name == "adagrad":
+        return keras.optimizers.Adagrad(rate, weight_decay=wd)
+    if name == "adadelta":
+        return keras.optimizers.Adadelta(rate, weight_decay=wd)
     return keras.optimizers.RMSprop(rate, momentum=0.9, centered=True, weight_decay=wd)
