@@ -24,6 +24,10 @@ from conversion.verify.defaults import (  # nothing heavy: `--help` answers with
 )
 
 EXIT_OK, EXIT_DISAGREE, EXIT_BAD_INPUT = 0, 1, 2
+_FILES = ".keras, .h5, .weights.h5, .pt, .pth, .ckpt, .bin, .safetensors"
+_HEAD_DEFAULT = (
+    "default: softmax for Keras weights and the twin's state dicts, logits for torchvision's, timm's and transformers'"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -127,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--classifier-activation",
         type=_head_activation,
-        default="softmax",
-        help="head activation for files that do not record it (default: softmax)",
+        default="auto",
+        help=f"head activation for files that do not record it ({_HEAD_DEFAULT})",
     )
     verify.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     _add_train_arguments(verify)
@@ -140,8 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         "a framework). The source's convention is kept unless --convention changes it. The destination is "
         "written atomically.",
     )
-    convert.add_argument("src", help="source file (.keras, .h5, .weights.h5, .pt, .pth, .safetensors)")
-    convert.add_argument("dst", help="destination file (.keras, .h5, .weights.h5, .pt, .pth, .safetensors)")
+    convert.add_argument("src", help=f"source file ({_FILES}) or Hugging Face folder")
+    convert.add_argument(
+        "dst", help=f"destination file ({_FILES}), or a new folder for Hugging Face transformers (no extension)"
+    )
     _add_size(
         convert,
         "--input-size",
@@ -160,8 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--classifier-activation",
         type=_head_activation,
-        default="softmax",
-        help="head activation when the source does not record it (default: softmax)",
+        default="auto",
+        help=f"head activation when the source does not record it ({_HEAD_DEFAULT})",
+    )
+    convert.add_argument(
+        "--keras-hub",
+        action="store_true",
+        help="write a .keras destination as keras-hub's ResNetImageClassifier (torchvision convention)",
     )
 
     export = commands.add_parser(
@@ -245,6 +256,7 @@ def _verify_train(args: argparse.Namespace, console: object) -> int:
 def _convert(args: argparse.Namespace, status: object) -> int:
     from conversion.files import convert_file
 
+    notes: list[str] = []
     with status(f"converting {args.src} -> {args.dst}...", spinner="dots"):
         written, change = convert_file(
             args.src,
@@ -252,7 +264,11 @@ def _convert(args: argparse.Namespace, status: object) -> int:
             input_size=tuple(args.input_size) if args.input_size else None,
             classifier_activation=args.classifier_activation,
             convention=args.convention,
+            keras_hub=args.keras_hub,
+            notes=notes,
         )
+    for note in notes:
+        print(note)
     print(f"wrote {written}")
     if change:
         before, after = change["convention"]

@@ -97,7 +97,8 @@ def _input_size(model_hw: tuple, size: tuple[int, int] | None) -> tuple[int, int
         # Fixed H/W keep TF "same" padding static, so it lands in Conv/MaxPool `pads` (no Pad nodes).
         raise ExportError(
             f"the model's input height and width are {tuple(model_hw)}; the ONNX export needs them fixed: "
-            "pass size=(H, W) or build the model with a fixed input_shape"
+            "give the size (--size H W on the command line, size=(H, W) from Python) or build the model with a fixed "
+            "input_shape"
         )
     return int(model_hw[0]), int(model_hw[1])
 

@@ -68,8 +68,12 @@ def unit_slots(prefix: str, filters: int, strides: int) -> list[Slot]:
     return [*slots, Slot(f"{prefix}activation", "activation")]
 
 
-def resnet34_slots() -> list[Slot]:
-    """Every layer of ResNet-34 in forward order: stem, 16 units, global pooling, (Flatten), Dense."""
+def resnet34_slots(head: bool = True) -> list[Slot]:
+    """Every layer of ResNet-34 in forward order: stem, 16 units, global pooling, (Flatten), Dense.
+
+    ``head=False``: the trunk alone (stem and units), a feature extractor ending in the 512-channel map, as
+    keras-hub's ResNetBackbone and transformers' ResNetModel are.
+    """
     slots = [
         Slot("stem_conv", "conv", 64, 7, 2),
         Slot("stem_bn", "batch_norm", 64),
@@ -78,6 +82,8 @@ def resnet34_slots() -> list[Slot]:
     ]
     for index, (_, filters, strides) in enumerate(unit_plan()):
         slots += unit_slots(f"unit_{index}.", filters, strides)
+    if not head:
+        return slots
     return [
         *slots,
         Slot("avg_pool", "global_avg_pool"),

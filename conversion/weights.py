@@ -72,8 +72,8 @@ def _check(condition: bool, path: str, what: str, keras_value: object, torch_val
         raise ConversionError(f"{path}: {what} differs: Keras has {keras_value}, torch has {torch_value}")
 
 
-def _check_padding(path: str, layer: keras.layers.Layer, module: nn.Module) -> None:
-    keras_side, torch_side = keras_padding(layer), padding_of(module)
+def _check_padding(path: str, leaf: KerasLeaf, module: nn.Module) -> None:
+    keras_side, torch_side = keras_padding(leaf), padding_of(module)
     _check(keras_side == torch_side, path, "padding", keras_side, torch_side)
 
 
@@ -85,7 +85,7 @@ def _slot_tensors(slot: Slot, leaf: KerasLeaf, module: nn.Module, same_conventio
         _check(isinstance(module, nn.Conv2d), path, "layer kind", *kinds)
         _check(tuple(layer.strides) == tuple(module.stride), path, "strides", tuple(layer.strides), module.stride)
         if same_convention:
-            _check_padding(path, layer, module)
+            _check_padding(path, leaf, module)
         _check(layer.use_bias == (module.bias is not None), path, "use_bias", layer.use_bias, module.bias is not None)
         pairs = [TensorPair(f"{path}.weight", layer.kernel, module.weight, *_CONV)]
         return pairs + ([TensorPair(f"{path}.bias", layer.bias, module.bias, *_AS_IS)] if layer.use_bias else [])
@@ -124,7 +124,7 @@ def _slot_tensors(slot: Slot, leaf: KerasLeaf, module: nn.Module, same_conventio
             (module.kernel_size, module.stride),
         )
         if same_convention:
-            _check_padding(path, layer, module)
+            _check_padding(path, leaf, module)
         return []
     expected = {"global_avg_pool": GlobalAvgPool2d, "flatten": nn.Flatten}[slot.kind]
     _check(isinstance(module, expected), path, "layer kind", *kinds)
@@ -138,10 +138,15 @@ def _plan(keras_obj: KerasObject, torch_obj: TorchObject, same_convention: bool 
             f"expected a torch_impl ResNet34 or ResidualUnit to pair with. Received: {type(torch_obj).__name__}"
         )
     keras_resnet = read_keras(keras_obj)
-    if isinstance(torch_obj, torch_impl.ResidualUnit) != (keras_resnet.head_activation is None):
+    if isinstance(torch_obj, torch_impl.ResidualUnit) != keras_resnet.is_unit:
         raise ConversionError(
-            f"cannot pair a Keras {'ResidualUnit' if keras_resnet.head_activation is None else 'model'} with a torch "
+            f"cannot pair a Keras {'ResidualUnit' if keras_resnet.is_unit else 'model'} with a torch "
             f"{type(torch_obj).__name__}"
+        )
+    if not keras_resnet.is_unit and keras_resnet.num_classes != torch_obj.num_classes:
+        raise ConversionError(
+            f"classifier: the Keras model has {keras_resnet.num_classes} classes, the torch one "
+            f"{torch_obj.num_classes} (0: no head)"
         )
     if keras_resnet.head_activation is not None:
         head = torch_obj.classifier.activation.keras_name
@@ -224,11 +229,11 @@ def keras_to_torch(obj: KerasObject, *, convention: str | None = None) -> TorchO
     source = read_keras(obj)
     target = target_convention(source.convention, convention)
     conv = source.layers[source.slots[0].name].layer
-    if source.head_activation is None:
+    if source.is_unit:
         twin = torch_impl.ResidualUnit(conv.kernel.shape[2], conv.filters, conv.strides[0], source.activation, target)
     else:
         twin = torch_impl.ResNet34(
-            num_classes=source.layers["classifier"].layer.units,
+            num_classes=source.num_classes,
             in_channels=conv.kernel.shape[2],
             classifier_activation=source.head_activation,
             activation=source.activation,
@@ -272,4 +277,21 @@ def torch_to_keras(
             convention=target,
         )
     copy_torch_to_keras(obj, twin, same_convention=target == obj.convention)
+    return twin
+
+
+def torch_to_keras_hub(obj: torch_impl.ResNet34, input_shape: tuple = (224, 224, 3)) -> keras.Model:
+    """keras-hub's ResNetImageClassifier holding a torch ResNet34's weights (torchvision convention, ReLU)."""
+    from conversion.keras_hub_models import build_keras_hub_resnet34
+
+    if obj.convention != "torchvision" or obj.activation_name != "relu":
+        raise ConversionError(
+            "keras-hub's ResNet computes the torchvision convention with ReLU units; this model computes the "
+            f"{obj.convention} convention with {obj.activation_name!r} units"
+        )
+    dtype = single_dtype(
+        {str(t.dtype).removeprefix("torch.") for t in obj.state_dict().values() if t.is_floating_point()}
+    )
+    twin = build_keras_hub_resnet34(obj.num_classes, input_shape, obj.classifier_activation, dtype)
+    copy_torch_to_keras(obj, twin)
     return twin

@@ -29,7 +29,8 @@ def build_resnet34(
     """The book's ResNet-34: 21,306,826 parameters for 10 classes at 224x224x3.
 
     Args:
-        num_classes: width of the Dense head.
+        num_classes: width of the Dense head; 0 leaves out the head (pooling and Dense): the trunk alone, whose
+            output is the feature map, like keras-hub's ResNetBackbone.
         input_shape: (height, width, channels); height and width may be None.
         classifier_activation: activation of the head; None gives logits.
         dtype: a Keras dtype or dtype policy ("float64", "mixed_bfloat16"); None takes Keras's floatx.
@@ -39,8 +40,10 @@ def build_resnet34(
             compute, so their checkpoints keep their logits).
         kernel_initializer: "glorot_uniform" (Keras's default, as in the book's code) or "he_normal".
     """
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"build_resnet34 needs a positive integer num_classes. Received: num_classes={num_classes!r}")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+        raise ValueError(
+            f"build_resnet34 needs an integer num_classes >= 0 (0: no head). Received: num_classes={num_classes!r}"
+        )
     if len(input_shape) != 3 or input_shape[-1] is None:
         raise ValueError(
             f"build_resnet34 needs input_shape=(height, width, channels) with channels known. "
@@ -72,6 +75,8 @@ def build_resnet34(
             )
         )
         prev_filters = filters
+    if not num_classes:
+        return keras.Sequential(layers, name="resnet34_trunk")
     layers += [
         keras.layers.GlobalAvgPool2D(name="avg_pool", dtype=policy),
         keras.layers.Flatten(name="flatten", dtype=policy),

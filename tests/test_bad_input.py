@@ -117,16 +117,19 @@ def test_verify_refuses_bad_images(capsys, tmp_path, files, name, array, expecte
         (["--torch", "{truncated_pt}"], "not a readable .pt state_dict"),
         (["--keras", "{corrupt_keras}"], "not a .keras archive"),
         (["--torch", "{nan_pt}"], "unit_4.main_layers.1.running_var holds NaN"),
-        (["--torch", "{resnet18_pt}"], "not a ResNet-34 state_dict: 177 tensors missing (bn1.bias, bn1.running_mean"),
+        (
+            ["--torch", "{resnet18_pt}"],
+            "not a ResNet-34 state_dict: ResNet-34's 'bn1.bias' is absent (177 tensors missing",
+        ),
         (
             ["--keras", "{keras}", "--torch", "{wide_pt}"],
-            "classifier.weight: shape (in torch layout) differs: Keras has (10, 512), torch has (1000, 512)",
+            "classifier: the Keras model has 10 classes, the torch one 1000",
         ),
         (["--torch", "{list_pt}"], "expected a state_dict"),
-        (["--torch", "{keras}"], "expected a .pt, .pth or .safetensors file"),
+        (["--torch", "{keras}"], "expected a .pt, .pth, .ckpt, .bin or .safetensors file"),
         (["--onnx", "{missing}"], "--onnx needs --keras or --torch"),
         (["--keras", "{pt}"], "expected a .keras, .weights.h5 or .h5 file"),
-        (["--torch", "weights.bin"], "expected a .pt, .pth or .safetensors file"),
+        (["--torch", "weights.npz"], "expected a .pt, .pth, .ckpt, .bin or .safetensors file"),
     ],
     ids=[
         "missing",

@@ -95,7 +95,7 @@ def test_a_functional_chain_of_the_books_layers_converts_and_a_branching_graph_i
     assert max_rel_err(twin_logits(conversion.keras_to_torch(functional), images), book_logits(model, images)) <= 1e-5
     branch = keras.layers.Conv2D(3, 1, name="side_branch")(inputs)
     two_paths = keras.Model(inputs, [outputs, branch])
-    with pytest.raises(ConversionError, match="sit side by side"):
+    with pytest.raises(ConversionError, match="expected a model of one input and one output"):
         conversion.keras_to_torch(two_paths)
 
 

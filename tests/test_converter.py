@@ -147,7 +147,7 @@ MODEL_MISMATCHES: list[tuple[str, Callable[[], nn.Module], str]] = [
     (
         "other-class-count",
         lambda: _fresh(num_classes=5),
-        r"classifier.weight: shape (in torch layout) differs: Keras has (10, 512), torch has (5, 512)",
+        r"classifier: the Keras model has 10 classes, the torch one 5 (0: no head)",
     ),
     (
         "other-input-channels",
@@ -233,7 +233,7 @@ def test_mismatched_keras_model_is_refused_and_left_untouched(twins_f32):
     _, torch_model = twins_f32
     keras_model = keras_impl.build_resnet34(7, (None, None, 3), None)
     before = _keras_bits(keras_model)
-    message = "classifier.weight: shape (in torch layout) differs: Keras has (7, 512), torch has (10, 512)"
+    message = "classifier: the Keras model has 7 classes, the torch one 10 (0: no head)"
     with pytest.raises(ConversionError, match=re.escape(message)):
         conversion.copy_torch_to_keras(torch_model, keras_model)
     assert _keras_bits(keras_model) == before
@@ -354,17 +354,22 @@ def test_state_dict_loads_into_an_equal_model(state_f32):
     [
         (
             lambda s: s.pop("unit_0.main_layers.1.running_var"),
-            "not a ResNet-34 state_dict: 1 tensors missing (unit_0.main_layers.1.running_var...), 0 unexpected",
+            "not a ResNet-34 state_dict: ResNet-34's 'unit_0.main_layers.1.running_var' is absent (1 tensors missing, "
+            "0 unexpected)",
         ),
         (
             lambda s: s.update({"unit_0.extra": torch.zeros(3)}),
-            "not a ResNet-34 state_dict: 0 tensors missing (...), 1 unexpected (unit_0.extra...)",
+            "not a ResNet-34 state_dict: the first key that is not ResNet-34's is 'unit_0.extra' [3] (0 tensors "
+            "missing, 1 unexpected)",
         ),
         (
             lambda s: s.update({"unit_3.main_layers.0.weight": torch.zeros(128, 64, 5, 5)}),
             "unit_3.main_layers.0.weight has shape (128, 64, 5, 5); ResNet-34 expects (128, 64, 3, 3)",
         ),
-        (lambda s: s.pop("classifier.weight"), "not a ResNet-34 state_dict: no 'classifier.weight'"),
+        (
+            lambda s: s.pop("classifier.weight"),
+            "not a ResNet-34 state_dict: 'classifier.bias' without 'classifier.weight'",
+        ),
         (
             lambda s: s.update({"stem_bn.running_var": torch.full((64,), float("nan"))}),
             "tensor stem_bn.running_var holds NaN or Inf",
@@ -389,7 +394,7 @@ def test_other_class_count_state_dict_gives_that_many_classes(state_f32):
     state["classifier.weight"], state["classifier.bias"] = torch.zeros(3, 512), torch.zeros(3)
     model = state_dict_to_torch(state, classifier_activation=None)
     assert model.num_classes == 3
-    with pytest.raises(ConversionError, match=re.escape("Keras has (10, 512), torch has (3, 512)")):
+    with pytest.raises(ConversionError, match=re.escape("the Keras model has 10 classes, the torch one 3")):
         conversion.copy_torch_to_keras(model, keras_impl.build_resnet34(10, (None, None, 3), None))
 
 

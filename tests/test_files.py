@@ -182,8 +182,8 @@ def test_corrupt_source_writes_nothing(capsys, tmp_path, sources, name, content,
 
 
 def test_unknown_extension_is_refused(capsys, tmp_path, small_files):
-    code = main(["convert", str(small_files["pt"]), str(tmp_path / "out.bin")])
-    _assert_one_line_error(capsys, code, "out.bin: unknown extension")
+    code = main(["convert", str(small_files["pt"]), str(tmp_path / "out.onnx")])
+    _assert_one_line_error(capsys, code, "out.onnx: unknown extension")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -22,39 +22,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from torch_peers import hostile_, own_logits
 
 import conversion
 from conversion import files
-from conversion.arrays import TOLERANCE, max_rel_err, nhwc_to_nchw, seeded_images
+from conversion.arrays import TOLERANCE, max_rel_err, seeded_images
 from conversion.cli import main
 from conversion.onnx_export import export_onnx, run_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [(1, 224, 224), (2, 97, 131)]
 CASE_IDS = ["1x224x224", "2x97x131-odd-non-square"]
-
-
-def hostile_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Seeded hostile BatchNorm statistics (and a non-trivial head) for a torch ResNet, in place."""
-    generator = np.random.default_rng(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                n = module.num_features
-                variance = np.exp(generator.uniform(np.log(0.05), np.log(20.0), n))
-                low = generator.permutation(n)[: n // 4]
-                variance[low] = generator.uniform(5e-4, 2e-3, low.size)
-                mean = generator.choice([-1.0, 1.0], n) * generator.uniform(0.5, 2.0, n)
-                for tensor, value in (
-                    (module.running_var, variance),
-                    (module.running_mean, mean),
-                    (module.weight, generator.uniform(0.3, 1.2, n) * np.sqrt(variance + 1e-5)),
-                    (module.bias, generator.normal(0.0, 0.5, n)),
-                ):
-                    tensor.copy_(torch.from_numpy(value))
-            elif isinstance(module, torch.nn.Linear):
-                module.bias.copy_(torch.from_numpy(generator.normal(0.0, 0.1, module.bias.shape)))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +43,6 @@ def peers(torchvision, timm) -> dict[str, torch.nn.Module]:
         "torchvision": hostile_(torchvision.models.resnet34(num_classes=10), seed=1),
         "timm": hostile_(timm.create_model("resnet34", pretrained=False, num_classes=10), seed=2),
     }
-
-
-def own_logits(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(nhwc_to_nchw(images))).numpy()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

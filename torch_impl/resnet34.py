@@ -26,7 +26,8 @@ class ResNet34(nn.Sequential):
     """ResNet-34 of Géron's ch. 14: 7x7/2 conv, BN, activation, 3x3/2 max-pool, 16 units, GAP, Dense.
 
     Args:
-        num_classes: width of the Dense head.
+        num_classes: width of the Dense head; 0 leaves out the head (pooling and Dense): the trunk alone, whose
+            output is the feature map, like keras-hub's ResNetBackbone and transformers' ResNetModel.
         in_channels: channels of the input images.
         classifier_activation: Keras name of the head's activation; None gives logits.
         activation: Keras name of the activation used everywhere else (the book uses "relu").
@@ -45,8 +46,10 @@ class ResNet34(nn.Sequential):
         convention: str = "book",
         kernel_initializer: str = "glorot_uniform",
     ) -> None:
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-            raise ValueError(f"ResNet34 needs a positive integer num_classes. Received: num_classes={num_classes!r}")
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+            raise ValueError(
+                f"ResNet34 needs an integer num_classes >= 0 (0: no head). Received: num_classes={num_classes!r}"
+            )
         check_convention(convention)
         layers: OrderedDict[str, nn.Module] = OrderedDict(
             stem_conv=conv2d(in_channels, 64, 7, 2, convention=convention),
@@ -62,13 +65,14 @@ class ResNet34(nn.Sequential):
                 prev_filters, filters, strides, activation, convention, kernel_initializer
             )
             prev_filters = filters
-        layers["avg_pool"] = GlobalAvgPool2d()
-        layers["flatten"] = nn.Flatten()
-        layers["classifier"] = Dense(prev_filters, num_classes, classifier_activation)
+        if num_classes:
+            layers["avg_pool"] = GlobalAvgPool2d()
+            layers["flatten"] = nn.Flatten()
+            layers["classifier"] = Dense(prev_filters, num_classes, classifier_activation)
         super().__init__(layers)
         self.num_classes = num_classes
         self.in_channels = in_channels
-        self.classifier_activation = classifier_activation
+        self.classifier_activation = classifier_activation if num_classes else None
         self.activation_name = activation
         self.convention = convention
         for child in self.children():  # each unit initialised itself already
@@ -81,11 +85,13 @@ class ResNet34(nn.Sequential):
             if name == "avg_pool":
                 return x
             x = module(x)
-        raise AssertionError("ResNet34 has an avg_pool child")
+        return x  # the trunk alone (num_classes=0)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """From ``forward_features``' map: the pooled features (``pre_logits``), else the logits, i.e. the Dense
         head without its activation (what a softmax head's probabilities are computed from)."""
+        if not self.num_classes:
+            raise ValueError("this ResNet34 has no head (num_classes=0): its output is forward_features'")
         x = self.flatten(self.avg_pool(x))
         return x if pre_logits else self.classifier.logits(x)
 

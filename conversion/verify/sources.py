@@ -22,6 +22,7 @@ from conversion.arrays import check_images, seeded_images
 from conversion.errors import ConversionError, InputError
 from conversion.files import load_keras, load_torch
 from conversion.hostile import randomize_weights
+from conversion.keras_reader import read_keras
 from conversion.verify.defaults import (
     DEFAULT_BATCH,
     DEFAULT_SIZE,
@@ -51,7 +52,8 @@ class Sources:
     torch: str | None = None  # .pt, .pth or .safetensors
     onnx: str | None = None
     images: str | None = None  # an NHWC .npy array; default: seeded standard-normal images
-    classifier_activation: str | None = "softmax"  # for files that do not record the head
+    # For files that do not record the head (None: logits; "auto": each file's default, softmax for the twins).
+    classifier_activation: str | None = "auto"
     dtype: str | None = None  # default: float32 for the twins, the files' own for files
     seed: int = 0  # of the twins' weights, the images and the floor twins
     batch: int | None = None
@@ -93,6 +95,15 @@ def _cast(pair: ModelPair, dtype: str | None) -> ModelPair:
     )
 
 
+def _with_head(model: keras.Model | nn.Module, path: str) -> None:
+    """verify compares logits: a trunk alone (keras-hub's ResNetBackbone, transformers' ResNetModel) has none."""
+    if not (model.num_classes if isinstance(model, nn.Module) else read_keras(model).num_classes):
+        raise InputError(
+            f"{path}: ResNet-34's trunk alone (no pooling and Dense head); verify compares logits: give the whole "
+            "classifier (convert reads the trunk)"
+        )
+
+
 def _twins(sources: Sources, head: str | None) -> ModelPair:
     keras_model = keras_impl.build_resnet34(10, (None, None, 3), head, sources.dtype or "float32")
     randomize_weights(keras_model, sources.seed)
@@ -105,6 +116,7 @@ def load_pair(sources: Sources) -> ModelPair:
     the per-stage report uses; the twin it was rebuilt from is the torch side unless a torch file is given."""
     if sources.keras:
         source = load_keras(sources.keras, sources.classifier_activation)
+        _with_head(source, sources.keras)
         twin = keras_to_torch(source)
         keras_model = torch_to_keras(twin, tuple(source.input_shape[1:]))
         torch_model = twin
@@ -115,11 +127,12 @@ def load_pair(sources: Sources) -> ModelPair:
         return _cast(ModelPair(keras_model, torch_model, source, None), sources.dtype)
     if sources.torch:
         torch_model = load_torch(sources.torch, sources.classifier_activation)
+        _with_head(torch_model, sources.torch)
         keras_model = torch_to_keras(torch_model, (None, None, torch_model.in_channels))
         return _cast(ModelPair(keras_model, torch_model, None, None), sources.dtype)
     if sources.onnx:
         raise InputError("--onnx needs --keras or --torch: the weights the ONNX file was exported from")
-    return _twins(sources, sources.classifier_activation)
+    return _twins(sources, "softmax" if sources.classifier_activation == "auto" else sources.classifier_activation)
 
 
 def read_images(path: str) -> np.ndarray:
@@ -187,8 +200,9 @@ def training_pair(sources: Sources) -> ModelPair:
     if not sources.keras:
         if sources.torch:
             raise InputError("--train needs --keras (the reference it trains); --torch alone has no Keras optimizer")
-        return _twins(sources, sources.classifier_activation)
+        return _twins(sources, "softmax" if sources.classifier_activation == "auto" else sources.classifier_activation)
     keras_model = load_keras(sources.keras, sources.classifier_activation)
+    _with_head(keras_model, sources.keras)
     torch_model = (
         load_torch(sources.torch, head_activation(keras_model) or "linear")
         if sources.torch
