@@ -20,33 +20,18 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-import torch
 from book.chapter14 import build_book_model
+from logits import book_logits, twin_logits
 
 import conversion
 from conversion import files
-from conversion.arrays import TOLERANCE, max_rel_err, nhwc_to_nchw, seeded_images
+from conversion.arrays import TOLERANCE, max_rel_err, seeded_images
 from conversion.cli import main
 from conversion.errors import ConversionError, WeightFileError
 from conversion.hostile import randomize_weights
 
 CASES = [(1, 224, 224), (2, 97, 131)]
 CASE_IDS = ["1x224x224", "2x97x131-odd-non-square"]
-
-
-def book_logits(model: keras.Model, images: np.ndarray) -> np.ndarray:
-    """The book's model run by its own code, up to (not through) its softmax head."""
-    features = images
-    for layer in model.layers[:-1]:
-        features = layer(features)
-    head = model.layers[-1]
-    return keras.ops.convert_to_numpy(keras.ops.matmul(features, head.kernel) + head.bias)
-
-
-def twin_logits(twin: torch.nn.Module, images: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        features = twin[:-1](torch.from_numpy(nhwc_to_nchw(images)))
-        return torch.nn.Linear.forward(twin.classifier, features).numpy()
 
 
 @pytest.fixture(scope="module")

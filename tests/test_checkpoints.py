@@ -8,6 +8,8 @@ Tolerances: float32 1e-5 and float64 1e-10 of the logits' scale (conversion.arra
 
 from __future__ import annotations
 
+import keras_impl  # noqa: F401  (first: TensorFlow then loads locally and quietly, docs/pitfalls.md)
+
 # isort: split
 import json
 from pathlib import Path
@@ -18,6 +20,7 @@ import pytest
 import torch
 from book.chapter14 import build_book_model
 from conftest import import_peer
+from logits import book_logits, twin_logits
 from torch_peers import hostile_, own_logits
 
 import conversion
@@ -30,12 +33,6 @@ from conversion.keras_hub_models import build_keras_hub_resnet34
 
 CASES = [(1, 224, 224), (2, 97, 131)]
 DTYPES = ["float32", "float64"]
-
-
-def twin_logits(twin: torch.nn.Module, images: np.ndarray) -> np.ndarray:
-    """The twin's logits (its head without the activation)."""
-    with torch.no_grad():
-        return twin.forward_head(twin.forward_features(torch.from_numpy(nhwc_to_nchw(images)))).numpy()
 
 
 def assert_same_logits(ours, reference, dtype: str, float32_images: bool = False) -> list[float]:
@@ -386,14 +383,6 @@ def test_a_trained_keras2_models_files_convert_and_set_its_optimizer_aside(keras
     assert_same_logits(lambda x: twin_logits(twin, x), lambda x: _keras2_logits(keras2_files["trained"], x), "float32")
 
 
-def _book_logits(model: keras.Model, images: np.ndarray) -> np.ndarray:
-    features = images
-    for layer in model.layers[:-1]:
-        features = layer(features)
-    head = model.layers[-1]
-    return keras.ops.convert_to_numpy(keras.ops.matmul(features, head.kernel) + head.bias)
-
-
 @pytest.fixture(scope="module")
 def keras3_trained(tmp_path_factory) -> dict[str, object]:
     """The book's model in Keras 3 compiled with "nadam" as the chapter does, saved compiled, then after one fit
@@ -430,7 +419,7 @@ def test_compiled_and_trained_keras3_weights_convert_and_name_what_was_set_aside
         assert any("optimizer" in note and "set aside" in note for note in notes), (stage, notes)
         twins[stage] = conversion.keras_to_torch(loaded)
     assert _bits(twins["compiled"].state_dict()) == _bits(compiled.state_dict())
-    assert_same_logits(lambda x: twin_logits(twins["fit"], x), lambda x: _book_logits(model, x), dtype)
+    assert_same_logits(lambda x: twin_logits(twins["fit"], x), lambda x: book_logits(model, x), dtype)
 
 
 def test_verify_train_runs_the_books_compiled_nadam_model(keras3_trained, capsys):
