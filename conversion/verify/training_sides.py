@@ -39,7 +39,17 @@ TORCH_SLOT_NAMES = {
     "grad_avg": "average_gradient",
 }
 
-KERAS_SLOT_NAMES = ("momentum", "velocity", "velocity_hat", "average_gradient")
+# Every slot of conversion.training's rules (Adamax's norm, Adagrad's accumulator, Adadelta's two accumulators too).
+KERAS_SLOT_NAMES = (
+    "momentum",
+    "velocity",
+    "velocity_hat",
+    "average_gradient",
+    "norm",
+    "accumulator",
+    "accumulated_grad",
+    "accumulated_delta_var",
+)
 
 
 @dataclass
