@@ -286,7 +286,7 @@ def _left_behind(folder: Path) -> list[str]:
     [
         ({"opset": 99, "size": (HEIGHT, WIDTH)}, r"unsupported ONNX opset .* expected 13 to 17\. Received: opset=99"),
         ({"opset": 18, "size": (HEIGHT, WIDTH)}, r"unsupported ONNX opset"),
-        ({}, r"input height and width are \(None, None\).*pass size=\(H, W\)"),
+        ({}, r"input height and width are \(None, None\).*--size H W on the command line, size=\(H, W\) from Python"),
         ({"size": (64,)}, r"size must be two positive integers"),
     ],
     ids=["opset-99", "opset-18", "no-size", "bad-size"],
