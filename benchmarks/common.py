@@ -33,7 +33,10 @@ REFERENCE_IMAGES = 8
 # to ~1e-6; 1e-4 leaves room for other conv algorithms (Winograd, oneDNN, cuDNN).
 # The reduced-precision bounds are 5-10x the errors measured on CPU by ``python -m benchmarks.precision``
 # (emulated TF32 5e-4, float16 9e-4, bfloat16 5e-3; Keras mixed_bfloat16 on JAX 7e-3).
-TOLERANCE = {"float32": 1e-4, "tf32": 5e-3, "float16": 1e-2, "bfloat16": 5e-2}
+# int8 (QDQ, per-channel weights, conversion.deploy): 5x the worst of the three calibration methods measured with
+# python -m benchmarks.deployment on the hostile model at 224x224 (minmax 0.027, percentile 0.022, entropy 0.10); the
+# rows' top-1 agreement column is the test that matters for a quantized model.
+TOLERANCE = {"float32": 1e-4, "tf32": 5e-3, "float16": 1e-2, "bfloat16": 5e-2, "int8": 0.5}
 
 # Dense (no sparsity) peak FLOP rates in TFLOP/s, from NVIDIA's data sheets; matched on the GPU's name.
 # Unknown hardware (every CPU here) gets no "% of peak".

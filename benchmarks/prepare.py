@@ -19,7 +19,7 @@ import numpy as np
 from benchmarks.common import IMAGE_SIZE, NUM_CLASSES, REFERENCE_IMAGES, write_json
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: the deployment-precision files (fp16, int8 per calibration method)
 
 
 def choose_keras_backend() -> str:
@@ -117,4 +117,42 @@ def export_onnx_files(keras_model, torch_model, folder: Path, backend: str, log:
             continue
         entries[name] = {"path": path.name, "export_s": time.perf_counter() - start}
         log(f"exported {path.name} in {entries[name]['export_s']:.1f} s")
+    if "path" in entries.get("keras", {}):
+        entries.update(deployed_onnx_files(folder, entries["keras"], log))
+    return entries
+
+
+# Deployment precision (conversion.deploy): the Keras export lowered to these, int8 calibrated on seeded images.
+DEPLOYED = {
+    "keras-fp16": ("fp16", "minmax"),
+    "keras-int8-minmax": ("int8", "minmax"),
+    "keras-int8-entropy": ("int8", "entropy"),
+    "keras-int8-percentile": ("int8", "percentile"),
+}
+CALIBRATION_IMAGES, CALIBRATION_SEED = 16, 100  # 16: what entropy and percentile need (conversion.deploy.lower)
+
+
+def deployed_onnx_files(folder: Path, keras_entry: dict, log: Callable[[str], None]) -> dict:
+    """The lowered files; a reason instead of a path where one fails."""
+    from conversion.arrays import seeded_images
+    from conversion.deploy.lower import lower_onnx
+
+    calibration = seeded_images(CALIBRATION_IMAGES, *IMAGE_SIZE, seed=CALIBRATION_SEED)
+    entries: dict[str, dict] = {}
+    for name, (precision, method) in DEPLOYED.items():
+        start = time.perf_counter()
+        try:
+            lower_onnx(
+                folder / keras_entry["path"],
+                folder / f"{name}.onnx",
+                precision,
+                calibration=calibration if precision == "int8" else None,
+                method=method,
+            )
+        except Exception as error:  # a failed lowering is a skipped row, not a crashed benchmark
+            entries[name] = {"skip": f"{name} lowering failed: {type(error).__name__}: {str(error)[:200]}"}
+            continue
+        # The export counts as compilation, as for the float32 file, plus the lowering (calibration included).
+        entries[name] = {"path": f"{name}.onnx", "export_s": keras_entry["export_s"] + time.perf_counter() - start}
+        log(f"lowered {name}.onnx in {time.perf_counter() - start:.1f} s")
     return entries

@@ -30,6 +30,7 @@ COLUMNS = (
     "img_per_s",
     "compile_s",
     "max_rel_err",
+    "top1_agreement",
     "tolerance",
     "within_tolerance",
     "first_call_s",
@@ -57,12 +58,18 @@ def _num(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
+def _top1(row: dict) -> str:
+    """Top-1 agreement with the Keras reference over the row's images (a reduced-precision row's real test)."""
+    value = row.get("top1_agreement")
+    return "" if value is None else f"{value:.0%}"
+
+
 def markdown_table(rows: list[dict]) -> str:
     """The rows as a Markdown table; a mode skipped at every batch size takes one line."""
     lines = [
         "| runtime | mode | dtype | batch | p50 ms | p90 ms | p99 ms | mean ± std ms | img/s | e2e p50 ms "
-        "| first call s | compile s | % peak | max_rel_err |",
-        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| first call s | compile s | % peak | max_rel_err | top-1 |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     done: set[tuple] = set()
     for row in rows:
@@ -73,7 +80,7 @@ def markdown_table(rows: list[dict]) -> str:
                 continue
             done.add((*key, row["status"]))
             batches = ", ".join(str(r["batch"]) for r in same)
-            cells = [row["runtime"], row["mode"], row.get("dtype") or "", batches, row["status"], *[""] * 9]
+            cells = [row["runtime"], row["mode"], row.get("dtype") or "", batches, row["status"], *[""] * 10]
             lines.append("| " + " | ".join(cells) + " |")
             continue
         error = row.get("max_rel_err")
@@ -82,7 +89,7 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {row['runtime']} | {row['mode']} | {row['dtype']} | {row['batch']} | {_num(row['p50_ms'])} | "
             f"{_num(row['p90_ms'])} | {_num(row['p99_ms'])} | {_num(row['mean_ms'])} ± {_num(row['std_ms'], 2)} | "
             f"{_num(row['img_per_s'])} | {_num(row.get('e2e_p50_ms'))} | {_num(row.get('first_call_s'))} | "
-            f"{_num(row.get('compile_s'))} | {_num(row.get('pct_peak'), 2)} | {error_text} |"
+            f"{_num(row.get('compile_s'))} | {_num(row.get('pct_peak'), 2)} | {error_text} | {_top1(row)} |"
         )
     return "\n".join(lines)
 
@@ -90,8 +97,8 @@ def markdown_table(rows: list[dict]) -> str:
 def compact_table(rows: list[dict]) -> str:
     """A narrower table for the README: one line per measured row, skipped modes folded into one line."""
     lines = [
-        "| runtime | mode | dtype | batch | p50 ms | p99 ms | img/s | compile s | % peak | max_rel_err |",
-        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| runtime | mode | dtype | batch | p50 ms | p99 ms | img/s | compile s | % peak | max_rel_err | top-1 |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     seen: set[tuple] = set()
     for row in rows:
@@ -100,12 +107,12 @@ def compact_table(rows: list[dict]) -> str:
             if key not in seen:
                 seen.add(key)
                 batches = ", ".join(str(r["batch"]) for r in rows if (r["runtime"], r["mode"], r["status"]) == key)
-                lines.append(f"| {row['runtime']} | {row['mode']} | | {batches} | {row['status']} | | | | | |")
+                lines.append(f"| {row['runtime']} | {row['mode']} | | {batches} | {row['status']} | | | | | | |")
             continue
         lines.append(
             f"| {row['runtime']} | {row['mode']} | {row['dtype']} | {row['batch']} | {_num(row['p50_ms'])} | "
             f"{_num(row['p99_ms'])} | {_num(row['img_per_s'])} | {_num(row.get('compile_s'))} | "
-            f"{_num(row.get('pct_peak'), 2)} | {row['max_rel_err']:.1e} |"
+            f"{_num(row.get('pct_peak'), 2)} | {row['max_rel_err']:.1e} | {_top1(row)} |"
         )
     return "\n".join(lines)
 

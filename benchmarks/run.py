@@ -261,6 +261,7 @@ class Workers:
         logits = np.load(out / f"logits_b{row['batch']}.npy")
         reference = self.reference[np.arange(row["batch"]) % len(self.reference)]
         row["max_rel_err"] = max_rel_err(logits, reference)
+        row["top1_agreement"] = float(np.mean(logits.argmax(-1) == reference.argmax(-1)))
         row["tolerance"] = TOLERANCE[row["dtype"]]
         row["within_tolerance"] = row["max_rel_err"] <= row["tolerance"]
         return row

@@ -11,6 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from conversion.deploy.commands import add_export_arguments, add_verify_arguments  # light: numpy, no framework
 from conversion.errors import UserInputError
 from conversion.verify.defaults import (  # nothing heavy: `--help` answers without TensorFlow or torch
     DEFAULT_BATCH,
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"head activation for files that do not record it ({_HEAD_DEFAULT})",
     )
     verify.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    add_verify_arguments(verify)  # --onnx at lower precision: --images, --labels, --max-flip-rate
     _add_train_arguments(verify)
 
     convert = commands.add_parser(
@@ -191,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         None,
         "input height and width, for a model built with None spatial dims (default: the model's own)",
     )
+    add_export_arguments(export)  # lower precision: --precision, --calibration, --keep-float, ...
     return parser
 
 
@@ -281,6 +284,12 @@ def _convert(args: argparse.Namespace, status: object) -> int:
 
 
 def _export_onnx(args: argparse.Namespace, status: object) -> int:
+    if args.precision or args.calibration or args.keep_float or args.images or args.json:  # a deployed file
+        from rich.console import Console
+
+        from conversion.deploy.commands import export_command
+
+        return export_command(args, Console(stderr=True))
     from conversion.files import load_model
     from conversion.onnx_export import export_onnx
     from conversion.weights import torch_to_keras
@@ -302,6 +311,10 @@ def _run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     if args.command == "verify" and args.train:
         return _verify_train(args, console)
+    if args.command == "verify" and args.onnx:  # any ONNX file, at any precision, stage by stage
+        from conversion.deploy.commands import verify_command
+
+        return verify_command(args, console)
     if args.command == "verify":
         return _verify(args, console.status)
     if args.command == "convert":

@@ -75,7 +75,13 @@ def unit_twins() -> Callable[..., tuple[keras_impl.ResidualUnit, torch.nn.Module
 
 # The longest files first: pytest-xdist hands files to workers in collection order, and a long one handed out last
 # would keep one worker busy after the other has finished.
-LONGEST_FIRST = ("test_train_verify.py", "test_machine_numerics.py", "test_onnx.py", "test_torchvision_timm.py")
+LONGEST_FIRST = (
+    "test_train_verify.py",
+    "test_deploy_trained.py",
+    "test_machine_numerics.py",
+    "test_onnx.py",
+    "test_torchvision_timm.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -19,6 +19,12 @@ from benchmarks.runtimes import BaseRunner
 MODES = {
     "keras-onnx": ("keras", "CPUExecutionProvider", {}, "float32"),
     "torch-onnx": ("torch", "CPUExecutionProvider", {}, "float32"),
+    # The Keras export lowered for deployment (conversion.deploy): fp16 (the CPU provider computes it in float32
+    # between float16 tensors), and int8 QDQ with per-channel weights, one row per calibration method.
+    "keras-onnx-fp16": ("keras-fp16", "CPUExecutionProvider", {}, "float16"),
+    "keras-onnx-int8-minmax": ("keras-int8-minmax", "CPUExecutionProvider", {}, "int8"),
+    "keras-onnx-int8-entropy": ("keras-int8-entropy", "CPUExecutionProvider", {}, "int8"),
+    "keras-onnx-int8-percentile": ("keras-int8-percentile", "CPUExecutionProvider", {}, "int8"),
     # use_tf32=0: the CUDA provider uses TF32 by default, which is not float32
     "keras-onnx-cuda": ("keras", "CUDAExecutionProvider", {"use_tf32": "0"}, "float32"),
     "torch-onnx-cuda": ("torch", "CUDAExecutionProvider", {"use_tf32": "0"}, "float32"),
