@@ -284,7 +284,8 @@ def _convert(args: argparse.Namespace, status: object) -> int:
 
 
 def _export_onnx(args: argparse.Namespace, status: object) -> int:
-    if args.precision or args.calibration or args.keep_float or args.images or args.json:  # a deployed file
+    deployed = args.precision or args.calibration or args.keep_float or args.images or args.json
+    if deployed or args.out.endswith(".tflite"):  # a lowered ONNX file, or LiteRT's
         from rich.console import Console
 
         from conversion.deploy.commands import export_command
@@ -311,7 +312,7 @@ def _run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     if args.command == "verify" and args.train:
         return _verify_train(args, console)
-    if args.command == "verify" and args.onnx:  # any ONNX file, at any precision, stage by stage
+    if args.command == "verify" and (args.onnx or args.litert):  # a deployed file, any precision, stage by stage
         from conversion.deploy.commands import verify_command
 
         return verify_command(args, console)

@@ -274,3 +274,28 @@ def test_verify_cli_names_the_fp16_overflow_and_json_carries_everything(planted,
     # ONNX Runtime's CPU provider computes these nodes in float32 (it inserts Casts): the report says so.
     arithmetic = report["deployment"]["arithmetic"]
     assert arithmetic["summary"].startswith("float32, not float16") and arithmetic["inserted_casts"] > 0
+
+
+def test_litert_export_and_verify_from_the_command_line(hostile, deploy_dir: Path, capsys):
+    """`export-onnx SRC OUT.tflite` (Keras's own LiteRT export) then `verify --keras SRC --litert OUT.tflite --json`:
+    every stage found by structure in the interpreter, at the float32 floor, and the same top-1 on every image."""
+    pytest.importorskip("ai_edge_litert", reason="LiteRT's interpreter (pip install ai-edge-litert)")
+    from conversion.files import save_keras
+
+    source = save_keras(hostile[0], deploy_dir / "litert_source.keras")
+    out = deploy_dir / "model.tflite"
+    assert cli.main(["export-onnx", str(source), str(out)]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.strip() == f"wrote {out} (LiteRT fp32)"
+    images = np.random.default_rng(4).standard_normal((6, SIZE, SIZE, 3)).astype(np.float32)
+    np.save(deploy_dir / "litert_x.npy", images)
+    argv = ["verify", "--keras", str(source), "--litert", str(out), "--images", str(deploy_dir / "litert_x.npy")]
+    code = cli.main([*argv, "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["agree"], report.get("diagnosis")
+    assert report["deployment"]["runtime"] == "litert" and report["top1_agreement"] == 1.0
+    rows = report["deployment"]["stages"]
+    assert [row["stage"] for row in rows] == ["stem", *(f"unit_{i}" for i in range(16)), "pooled", "logits"]
+    worst = max(row["floor_ratio"] for row in rows)
+    print(f"measured: LiteRT fp32 at most {worst:.2f}x its floor, logits max rel err {rows[-1]['max_rel']:.2g}")
+    # The float32 floor's multiple verify allows (FLOOR_MULTIPLE); measured here: 0.86x at worst, logits 5.9e-7.
+    assert all(row["floor_ratio"] <= 2 or row["max_rel"] <= 1e-5 for row in rows), rows

@@ -64,6 +64,11 @@ def add_verify_arguments(verify: argparse.ArgumentParser) -> None:
         "--labels", metavar="y.npy", help="--onnx with --images: integer labels, for each side's accuracy"
     )
     verify.add_argument(
+        "--litert",
+        metavar="FILE.tflite",
+        help="a LiteRT file exported from --keras or --torch (export-onnx SRC OUT.tflite), checked as --onnx is",
+    )
+    verify.add_argument(
         "--max-flip-rate",
         type=float,
         default=None,
@@ -95,6 +100,14 @@ def _progress(console: Any, total: int, label: str) -> Any:
 # --- export-onnx -----------------------------------------------------------------------------------------
 
 
+def _existing(path: str, suffix: str) -> str:
+    if not path.endswith(suffix):
+        raise InputError(f"{path}: expected a {suffix} file")
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such file")
+    return path
+
+
 def export_command(args: argparse.Namespace, console: Any) -> int:
     """``export-onnx ... --precision P [--calibration ...] [--keep-float ...]``."""
     from conversion.deploy.lower import check_image_set, lower_onnx
@@ -123,11 +136,13 @@ def export_command(args: argparse.Namespace, console: Any) -> int:
     if not 0 <= args.max_flip_rate < 1:
         raise InputError(f"--max-flip-rate must be a rate in [0, 1); received {args.max_flip_rate}")
     out = Path(args.out)
-    if out.suffix != ".onnx":
-        raise InputError(f"{out}: expected an .onnx destination")
+    if out.suffix not in (".onnx", ".tflite"):
+        raise InputError(f"{out}: expected an .onnx destination (or .tflite for LiteRT)")
     if not out.parent.is_dir():
         raise InputError(f"{out}: the folder {out.parent} does not exist")
     size = tuple(args.size) if args.size else None
+    if out.suffix == ".tflite":
+        return _export_litert(args, console, precision, calibration, size, out)
     with console.status(f"exporting {args.model} through tf2onnx...", spinner="dots"):
         model = load_model(args.model)
         if not hasattr(model, "input_shape"):  # a torch file: its Keras twin, same convention
@@ -196,6 +211,38 @@ def export_command(args: argparse.Namespace, console: Any) -> int:
         if search is not None:
             print(search.message())
         print(f"wrote {written.path} ({precision}, kept in float32: {keep_float_text(written.kept_float)})")
+    return 0
+
+
+def _export_litert(
+    args: argparse.Namespace,
+    console: Any,
+    precision: str,
+    calibration: np.ndarray | None,
+    size: tuple[int, int] | None,
+    out: Path,
+) -> int:
+    """``export-onnx SRC OUT.tflite [--precision fp32|int8 --calibration X.npy]``: Keras's own LiteRT export."""
+    from conversion.deploy.litert import LITERT_PRECISIONS, export_litert
+    from conversion.files import load_model
+    from conversion.weights import keras_to_torch, torch_to_keras
+
+    if precision not in LITERT_PRECISIONS:
+        raise InputError(f"a LiteRT file is fp32 or int8; received --precision {precision}")
+    if args.keep_float:
+        raise InputError("--keep-float applies to ONNX files; LiteRT's int8 is whole-model")
+    with console.status(f"exporting {args.model} through LiteRT...", spinner="dots"):
+        model = load_model(args.model)
+        twin = keras_to_torch(model) if hasattr(model, "input_shape") else model
+        model_size = tuple(model.input_shape[1:3]) if hasattr(model, "input_shape") else (None, None)
+        size = size or model_size
+        if None in size:
+            raise InputError("a LiteRT file has a fixed input size: give --size H W")
+        if calibration is not None and tuple(calibration.shape[1:3]) != tuple(size):
+            raise InputError(f"calibration images are {calibration.shape[1:3]}; the model takes {tuple(size)}")
+        keras_model = torch_to_keras(twin, (*size, twin.in_channels))  # bit for bit, at the fixed size
+        written = export_litert(keras_model, out, precision, calibration)
+    print(f"wrote {written} (LiteRT {precision})")
     return 0
 
 
@@ -279,8 +326,14 @@ def verify_command(args: argparse.Namespace, console: Any) -> int:
     from conversion.verify.sources import Sources, comparison_images, load_pair
     from conversion.verify.stages import model_dtype
 
+    deployed = args.litert or args.onnx
+    if args.litert and args.onnx:
+        raise InputError("give one deployed file: --onnx or --litert")
     if not (args.keras or args.torch):
-        raise InputError("--onnx needs --keras or --torch: the weights the ONNX file was exported from")
+        raise InputError(
+            f"{'--litert' if args.litert else '--onnx'} needs --keras or --torch: the weights {deployed} "
+            "was exported from"
+        )
     if args.dtype == "float64":
         raise InputError("--onnx compares in float32 (ONNX Runtime's CPU convolutions are float32); drop --dtype")
     images = _float32_images(args.images, "images") if args.images else None
@@ -291,11 +344,25 @@ def verify_command(args: argparse.Namespace, console: Any) -> int:
         labels = check_labels(load_images(args.labels, "labels"), images.shape[0])
     if args.max_flip_rate is not None and not 0 <= args.max_flip_rate < 1:
         raise InputError(f"--max-flip-rate must be a rate in [0, 1); received {args.max_flip_rate}")
-    from conversion.deploy.check import load_onnx
-    from conversion.deploy.lower import input_geometry
-
     # The file is read first: a bad one fails before the models load, and its size is the default image size.
-    _, height, width, _ = input_geometry(load_onnx(args.onnx))
+    if args.litert:
+        from conversion.deploy.litert import LiteRTModel
+
+        try:
+            litert = LiteRTModel(_existing(args.litert, ".tflite"))
+        except InputError:
+            raise
+        except ImportError:
+            raise InputError("--litert needs LiteRT's interpreter: pip install ai-edge-litert") from None
+        except Exception as error:  # the interpreter's own message for a corrupt or foreign file
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+            raise InputError(f"{args.litert}: not a readable LiteRT file ({first})") from None
+        _, height, width, _ = (int(n) for n in litert.input["shape"])
+    else:
+        from conversion.deploy.check import load_onnx
+        from conversion.deploy.lower import input_geometry
+
+        _, height, width, _ = input_geometry(load_onnx(args.onnx))
     size = tuple(args.size) if args.size else ((height, width) if height and width else None)
     sources = Sources(
         keras=args.keras,
@@ -317,7 +384,15 @@ def verify_command(args: argparse.Namespace, console: Any) -> int:
             report.agree = report.agree and report.source_check.ok
     source = torch_logits(pair.torch_model) if args.torch and not args.keras else None
     dataset = stage_images if images is None else images
-    if dataset.shape[0] >= PROGRESS_FROM:
+    if args.litert:
+        from conversion.deploy.litert import check_litert
+
+        precision = "int8" if any(" in int8" in key for key in litert.integer_ops()) else "fp32"
+        with console.status("running the LiteRT file...", spinner="dots"):
+            check = check_litert(
+                pair.keras_model, args.litert, dataset, labels, precision=precision, max_flip_rate=args.max_flip_rate
+            )
+    elif dataset.shape[0] >= PROGRESS_FROM:
         with _progress(console, dataset.shape[0], "source and ONNX file over the images") as bar:
             task = bar.add_task("images", total=dataset.shape[0])
             check = check_deployment(

@@ -44,6 +44,10 @@ def export_litert(
                 yield [image[None]]
 
         options = {"optimizations": [tf.lite.Optimize.DEFAULT], "representative_dataset": representative}
+    try:
+        import ai_edge_litert  # noqa: F401  (Keras's LiteRT export needs it, and says so only in a traceback)
+    except ImportError:
+        raise InputError("a .tflite export needs LiteRT: pip install ai-edge-litert") from None
     with atomic_output(path) as tmp:
         keras_model.export(str(tmp), format="litert", verbose=False, **options)
     return path
