@@ -7,6 +7,7 @@ then calls the Python API (``lower``, ``check``, ``search``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -392,30 +393,24 @@ def verify_command(args: argparse.Namespace, console: Any) -> int:
             check = check_litert(
                 pair.keras_model, args.litert, dataset, labels, precision=precision, max_flip_rate=args.max_flip_rate
             )
-    elif dataset.shape[0] >= PROGRESS_FROM:
-        with _progress(console, dataset.shape[0], "source and ONNX file over the images") as bar:
-            task = bar.add_task("images", total=dataset.shape[0])
-            check = check_deployment(
-                pair.keras_model,
-                args.onnx,
-                stage_images,
-                images=dataset,
-                labels=labels,
-                source=source,
-                max_flip_rate=args.max_flip_rate,
-                progress=lambda done, _total: bar.update(task, completed=done),
-            )
     else:
-        with console.status("running the ONNX file...", spinner="dots"):
-            check = check_deployment(
-                pair.keras_model,
-                args.onnx,
-                stage_images,
-                images=dataset,
-                labels=labels,
-                source=source,
-                max_flip_rate=args.max_flip_rate,
-            )
+        run = functools.partial(
+            check_deployment,
+            pair.keras_model,
+            args.onnx,
+            stage_images,
+            images=dataset,
+            labels=labels,
+            source=source,
+            max_flip_rate=args.max_flip_rate,
+        )
+        if dataset.shape[0] >= PROGRESS_FROM:  # a bar on long runs, a spinner otherwise
+            with _progress(console, dataset.shape[0], "source and ONNX file over the images") as bar:
+                task = bar.add_task("images", total=dataset.shape[0])
+                check = run(progress=lambda done, _total: bar.update(task, completed=done))
+        else:
+            with console.status("running the ONNX file...", spinner="dots"):
+                check = run()
     agree = bool(report) and check.ok
     if args.json:
         _merged_rows(report, check)
