@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from conversion.deploy.commands import add_export_arguments, add_verify_arguments  # light: numpy, no framework
 from conversion.errors import UserInputError
+from conversion.file_io import HEAD_AUTO  # light: the standard library only
 from conversion.verify.defaults import (  # nothing heavy: `--help` answers without TensorFlow or torch
     DEFAULT_BATCH,
     DEFAULT_LEARNING_RATE,
@@ -132,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--classifier-activation",
         type=_head_activation,
-        default="auto",
+        default=HEAD_AUTO,
         help=f"head activation for files that do not record it ({_HEAD_DEFAULT})",
     )
     verify.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--classifier-activation",
         type=_head_activation,
-        default="auto",
+        default=HEAD_AUTO,
         help=f"head activation when the source does not record it ({_HEAD_DEFAULT})",
     )
     convert.add_argument(

@@ -94,8 +94,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 REQUIRE_PEERS = os.environ.get("RESNET34_PARITY_REQUIRE_PEERS") == "1"
 
 
+# Installed beside the test extra with --no-deps: their own requirements pull full tensorflow over tensorflow-cpu.
+_NO_DEPS = {"tf_keras": "tf-keras", "keras_hub": '"keras-hub==0.32.*"'}
+
+
 def import_peer(name: str) -> types.ModuleType:
-    """torchvision or timm (code nobody here wrote); a skip naming the fix where it cannot be imported.
+    """A library of the test extra (code nobody here wrote: torchvision, timm, transformers, tf_keras, keras-hub...);
+    a skip naming the fix where it cannot be imported.
 
     PyPI's torchvision is built against torch's default (CUDA) build and does not import beside the CPU build
     of another version ("operator torchvision::nms does not exist"). Under .ci/run the skip is a failure.
@@ -103,10 +108,14 @@ def import_peer(name: str) -> types.ModuleType:
     try:
         return importlib.import_module(name)
     except Exception as error:  # ImportError, or torchvision's RuntimeError beside a mismatched torch
+        install = (
+            f"install it with `python3 -m pip install --no-deps {_NO_DEPS[name]}`"
+            if name in _NO_DEPS
+            else 'install a matching pair, e.g. `python3 -m pip install -e ".[test]"` in a fresh virtual environment'
+        )
         reason = (
             f"{name} cannot be imported beside torch {torch.__version__} ({str(error).splitlines()[0][:100]}); "
-            'install a matching pair, e.g. `python3 -m pip install -e ".[test]"` in a fresh virtual environment '
-            "(README, Quick start)"
+            f"{install} (README, Quick start)"
         )
         if REQUIRE_PEERS:
             pytest.fail(reason)

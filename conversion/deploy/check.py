@@ -21,7 +21,14 @@ import numpy as np
 from conversion.arrays import cosine_similarity, nchw_to_nhwc
 from conversion.deploy.arithmetic import arithmetic_of
 from conversion.deploy.lower import check_image_set, input_geometry
-from conversion.deploy.report import Accuracy, DatasetCheck, DeploymentCheck, Flip, StageError
+from conversion.deploy.report import (
+    Accuracy,
+    DatasetCheck,
+    DeploymentCheck,
+    Flip,
+    StageError,
+    default_max_flip_rate,
+)
 from conversion.deploy.stage_map import StageMap, check_keep_float, find_stages, name_nodes
 from conversion.errors import InputError
 
@@ -398,7 +405,7 @@ def check_deployment(
     drift = max_rel_err(probe_logits, plain) if np.all(np.isfinite(plain)) else None
     dataset = dataset_check(source or keras_logits(keras_model), deployed, images, labels, progress=progress)
     if max_flip_rate is None:
-        max_flip_rate = 0.0 if deployed.precision == "fp32" else DEFAULT_MAX_FLIP_RATE
+        max_flip_rate = default_max_flip_rate(deployed.precision)
     return DeploymentCheck(
         file=str(onnx_path),
         runtime="onnxruntime",
@@ -414,10 +421,6 @@ def check_deployment(
         max_flip_rate=max_flip_rate,
         stages=rows,
     )
-
-
-# The target for reduced precision: top-1 agreement of at least 99.5% with the source.
-DEFAULT_MAX_FLIP_RATE = 0.005
 
 
 def metadata_of(path: str | os.PathLike) -> dict[str, Any]:

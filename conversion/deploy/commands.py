@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from conversion.deploy.lower import CALIBRATION_METHODS, MIN_CALIBRATION_IMAGES, PRECISIONS, load_images
-from conversion.deploy.report import DeploymentCheck, StageError
+from conversion.deploy.report import DEFAULT_MAX_FLIP_RATE, DeploymentCheck, StageError
 from conversion.deploy.stage_map import check_keep_float, keep_float_text
 from conversion.errors import InputError
 
@@ -50,10 +50,10 @@ def add_export_arguments(export: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--max-flip-rate",
         type=float,
-        default=0.005,
+        default=DEFAULT_MAX_FLIP_RATE,
         metavar="R",
-        help="--keep-float auto: the top-1 flip rate allowed on --images (default: 0.005, as verify's for fp16 and "
-        "int8 files)",
+        help=f"--keep-float auto: the top-1 flip rate allowed on --images (default: {DEFAULT_MAX_FLIP_RATE}, as "
+        "verify's for fp16 and int8 files)",
     )
     group.add_argument("--images", metavar="X.npy", help="--keep-float auto: NHWC float32 images the flip rate uses")
     group.add_argument("--json", action="store_true", help="print what was written (and the search) as JSON")
@@ -74,7 +74,8 @@ def add_verify_arguments(verify: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="R",
-        help="--onnx: the top-1 flip rate allowed (default: 0 for a fp32 file, 0.005 for fp16 and int8)",
+        help=f"--onnx: the top-1 flip rate allowed (default: 0 for a fp32 file, {DEFAULT_MAX_FLIP_RATE} for fp16 and "
+        "int8)",
     )
 
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from conversion.deploy.report import DEFAULT_MAX_FLIP_RATE
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -166,7 +168,7 @@ def measure(
     *,
     rounds: int = 50,
     threads: int = 2,
-    max_flip_rate: float = 0.005,
+    max_flip_rate: float = DEFAULT_MAX_FLIP_RATE,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Every runtime on the held-out digits: accuracy, agreement with Keras, flips, max logit error, latency ratio.

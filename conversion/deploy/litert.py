@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from conversion.deploy.lower import array_sha256
-from conversion.deploy.report import Arithmetic, DeploymentCheck
+from conversion.deploy.report import Arithmetic, DeploymentCheck, default_max_flip_rate
 from conversion.errors import InputError
 
 LITERT_PRECISIONS = ("fp32", "int8")
@@ -153,7 +153,7 @@ def check_litert(
 ) -> DeploymentCheck:
     """A .tflite file against its Keras source: per-stage rows on the first ``stage_images`` images (from an
     interpreter without the XNNPACK delegate, which keeps no intermediate tensors), then logits over all of them."""
-    from conversion.deploy.check import DEFAULT_MAX_FLIP_RATE, dataset_check, keras_logits, stage_errors
+    from conversion.deploy.check import dataset_check, keras_logits, stage_errors
 
     model = LiteRTModel(path)
     # The per-stage rows on a few images (the float64 floor twin runs on them), then every image.
@@ -162,7 +162,7 @@ def check_litert(
     compute = model.integer_ops()
     parts = ", ".join(f"{count} {key}" for key, count in sorted(compute.items()))
     if max_flip_rate is None:
-        max_flip_rate = 0.0 if precision == "fp32" else DEFAULT_MAX_FLIP_RATE
+        max_flip_rate = default_max_flip_rate(precision)
     return DeploymentCheck(
         file=str(path),
         runtime="litert",

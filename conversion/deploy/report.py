@@ -12,6 +12,16 @@ from typing import Any
 
 from conversion.arrays import TOLERANCE
 
+# The flip rate a fp16 or int8 file may have by default: top-1 agreement of at least 99.5% with its source. A fp32 file
+# may have none.
+DEFAULT_MAX_FLIP_RATE = 0.005
+
+
+def default_max_flip_rate(precision: str) -> float:
+    """The flip rate a file of ``precision`` may have when none is given."""
+    return 0.0 if precision == "fp32" else DEFAULT_MAX_FLIP_RATE
+
+
 # Flips listed in the printed report (the JSON lists every one).
 PRINTED_FLIPS = 10
 

@@ -20,7 +20,7 @@ import keras_impl
 from conversion import training
 from conversion.arrays import check_images, seeded_images
 from conversion.errors import ConversionError, InputError
-from conversion.files import load_keras, load_torch
+from conversion.files import HEAD_AUTO, load_keras, load_torch
 from conversion.hostile import randomize_weights
 from conversion.keras_reader import read_keras
 from conversion.verify.defaults import (
@@ -52,8 +52,8 @@ class Sources:
     torch: str | None = None  # .pt, .pth or .safetensors
     onnx: str | None = None
     images: str | None = None  # an NHWC .npy array; default: seeded standard-normal images
-    # For files that do not record the head (None: logits; "auto": each file's default, softmax for the twins).
-    classifier_activation: str | None = "auto"
+    # For files that do not record the head (None: logits; HEAD_AUTO: each file's default, softmax for the twins).
+    classifier_activation: str | None = HEAD_AUTO
     dtype: str | None = None  # default: float32 for the twins, the files' own for files
     seed: int = 0  # of the twins' weights, the images and the floor twins
     batch: int | None = None
@@ -110,6 +110,11 @@ def _twins(sources: Sources, head: str | None) -> ModelPair:
     return ModelPair(keras_model, keras_to_torch(keras_model), None, None)
 
 
+def _twin_head(sources: Sources) -> str | None:
+    """The built-in twins' head: the book's softmax unless one was asked for."""
+    return "softmax" if sources.classifier_activation == HEAD_AUTO else sources.classifier_activation
+
+
 def load_pair(sources: Sources) -> ModelPair:
     """The Keras reference, the torch side, the user's own Keras model (where it is not the reference) and what
     was cast. A Keras file of any origin is rebuilt bit for bit in ``build_resnet34``'s layout, whose layer names
@@ -132,7 +137,7 @@ def load_pair(sources: Sources) -> ModelPair:
         return _cast(ModelPair(keras_model, torch_model, None, None), sources.dtype)
     if sources.onnx:
         raise InputError("--onnx needs --keras or --torch: the weights the ONNX file was exported from")
-    return _twins(sources, "softmax" if sources.classifier_activation == "auto" else sources.classifier_activation)
+    return _twins(sources, _twin_head(sources))
 
 
 def read_images(path: str) -> np.ndarray:
@@ -200,7 +205,7 @@ def training_pair(sources: Sources) -> ModelPair:
     if not sources.keras:
         if sources.torch:
             raise InputError("--train needs --keras (the reference it trains); --torch alone has no Keras optimizer")
-        return _twins(sources, "softmax" if sources.classifier_activation == "auto" else sources.classifier_activation)
+        return _twins(sources, _twin_head(sources))
     keras_model = load_keras(sources.keras, sources.classifier_activation)
     _with_head(keras_model, sources.keras)
     torch_model = (
