@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from conversion.deploy.commands import add_export_arguments, add_verify_arguments  # light: numpy, no framework
 from conversion.errors import UserInputError
-from conversion.file_io import HEAD_AUTO  # light: the standard library only
+from conversion.file_io import HEAD_AUTO, check_source  # light: the standard library only
 from conversion.verify.defaults import (  # nothing heavy: `--help` answers without TensorFlow or torch
     DEFAULT_BATCH,
     DEFAULT_LEARNING_RATE,
@@ -24,6 +24,7 @@ from conversion.verify.defaults import (  # nothing heavy: `--help` answers with
     DEFAULT_WEIGHT_DECAY,
     TRAIN_OPTIMIZERS,
 )
+from conversion.verify.requests import Sources, TrainingChoice, check_request  # light: numpy
 
 EXIT_OK, EXIT_DISAGREE, EXIT_BAD_INPUT = 0, 1, 2
 _FILES = ".keras, .h5, .weights.h5, .pt, .pth, .ckpt, .bin, .safetensors"
@@ -198,9 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sources(args: argparse.Namespace) -> object:
-    from conversion.verify.sources import Sources
-
+def _sources(args: argparse.Namespace) -> Sources:
     return Sources(
         keras=args.keras,
         torch=args.torch,
@@ -232,13 +231,17 @@ def _verify(args: argparse.Namespace, status: object) -> int:
     return EXIT_OK if report else EXIT_DISAGREE
 
 
+def _training_choice(args: argparse.Namespace) -> TrainingChoice:
+    return TrainingChoice(args.optimizer, args.learning_rate, args.weight_decay, args.steps)
+
+
 def _verify_train(args: argparse.Namespace, console: object) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from conversion.verify.report import print_training_report
-    from conversion.verify.sources import TrainingChoice, prepare_training
+    from conversion.verify.sources import prepare_training
 
-    choice = TrainingChoice(args.optimizer, args.learning_rate, args.weight_decay, args.steps)
+    choice = _training_choice(args)
     with console.status("building the models...", spinner="dots"):
         prepared = prepare_training(_sources(args), choice)
     with Progress(
@@ -306,7 +309,18 @@ def _export_onnx(args: argparse.Namespace, status: object) -> int:
     return EXIT_OK
 
 
+def _check_before_loading(args: argparse.Namespace) -> None:
+    """What needs no framework is refused first: a typo answers at once, not after TensorFlow's import."""
+    if args.command == "verify" and not (args.onnx or args.litert):
+        check_request(_sources(args), _training_choice(args) if args.train else None)
+    elif args.command == "convert":
+        check_source(args.src)
+    elif args.command == "export-onnx":
+        check_source(args.model)
+
+
 def _run(args: argparse.Namespace) -> int:
+    _check_before_loading(args)
     # Imported here so `--help` and usage errors answer without loading TensorFlow and torch.
     from rich.console import Console
 

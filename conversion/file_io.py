@@ -70,6 +70,23 @@ def require_file(path: Path, suffixes: tuple[str, ...]) -> None:
         raise WeightFileError(f"{path}: no such file")
 
 
+def check_source(path: str | os.PathLike, kind: str | None = None) -> None:
+    """Refuse a source that cannot be read: the wrong extension for ``kind`` ('keras' or 'torch'; None: by its
+    extension), or no such file or Hugging Face folder. Light, so that the command answers a typo before loading
+    TensorFlow and torch (the loaders check again)."""
+    path = Path(path)
+    kind = kind or file_kind(path)
+    if kind == "keras":
+        require_file(path, KERAS_SUFFIXES)
+    elif path.is_dir() or (kind == "huggingface" and not path.suffix):
+        if not path.is_dir():
+            raise WeightFileError(f"{path}: no such file or folder")
+        if not is_huggingface_folder(path):
+            raise WeightFileError(f"{path}: a folder without config.json and {' or '.join(HF_WEIGHTS)}")
+    else:
+        require_file(path, TORCH_SUFFIXES)
+
+
 def first_line(error: BaseException) -> str:
     """An exception's first line, for a one-line error."""
     text = str(error).strip()

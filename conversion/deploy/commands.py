@@ -325,7 +325,8 @@ def verify_command(args: argparse.Namespace, console: Any) -> int:
     sources, then the ONNX file stage by stage (each stage's floor) and over the images."""
     from conversion.deploy.check import check_deployment, check_labels, torch_logits
     from conversion.verify.inference import source_check, verify_models
-    from conversion.verify.sources import Sources, comparison_images, load_pair
+    from conversion.verify.requests import Sources
+    from conversion.verify.sources import comparison_images, load_pair
     from conversion.verify.stages import model_dtype
 
     deployed = args.litert or args.onnx

@@ -8,7 +8,6 @@ Bad input raises a ``UserInputError`` naming what was expected.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ from conversion.verify.defaults import (
 from conversion.verify.inference import source_check, verify_models
 from conversion.verify.noise_floor import keras_clone
 from conversion.verify.report import TrainingReport, VerifyReport
+from conversion.verify.requests import Sources, TrainingChoice, check_request, read_images
 from conversion.verify.stages import model_dtype
 from conversion.verify.training_sides import head_activation
 from conversion.verify.training_steps import (
@@ -42,32 +42,6 @@ from conversion.verify.training_steps import (
     verify_training,
 )
 from conversion.weights import check_same_architecture, keras_to_torch, torch_to_keras
-
-
-@dataclass(frozen=True)
-class Sources:
-    """What to compare: Keras / torch / ONNX files (none: the seeded hostile twins) and the images."""
-
-    keras: str | None = None  # .keras, .h5 or .weights.h5
-    torch: str | None = None  # .pt, .pth or .safetensors
-    onnx: str | None = None
-    images: str | None = None  # an NHWC .npy array; default: seeded standard-normal images
-    # For files that do not record the head (None: logits; HEAD_AUTO: each file's default, softmax for the twins).
-    classifier_activation: str | None = HEAD_AUTO
-    dtype: str | None = None  # default: float32 for the twins, the files' own for files
-    seed: int = 0  # of the twins' weights, the images and the floor twins
-    batch: int | None = None
-    size: tuple[int, int] | None = None
-
-
-@dataclass(frozen=True)
-class TrainingChoice:
-    """How ``verify --train`` trains: a named optimizer (default: the model's compiled one, else nesterov)."""
-
-    optimizer: str | None = None
-    learning_rate: float | None = None
-    weight_decay: float | None = None
-    steps: int = 10
 
 
 @dataclass
@@ -140,22 +114,6 @@ def load_pair(sources: Sources) -> ModelPair:
     return _twins(sources, _twin_head(sources))
 
 
-def read_images(path: str) -> np.ndarray:
-    """An .npy array of images, checked for what needs no model (rank, float dtype, finite values): read before the
-    models load, so that bad images fail in a moment; the channels and size are checked against the model after."""
-    try:
-        images = np.load(path, allow_pickle=False)  # never unpickle
-    except (OSError, ValueError) as error:
-        raise InputError(f"{path}: not a readable .npy array of images ({error})") from None
-    if not isinstance(images, np.ndarray) or images.ndim != 4:
-        raise InputError(f"expected images of rank 4 (N, H, W, C); received shape {np.shape(images)}")
-    if images.dtype not in (np.float32, np.float64):
-        raise InputError(f"expected float32 or float64 images; received {images.dtype}")
-    if not np.all(np.isfinite(images)):
-        raise InputError(f"expected finite images; received {int((~np.isfinite(images)).sum())} NaN/Inf values")
-    return images
-
-
 def _model_images(images: np.ndarray, channels: int, dtype: str, min_size: int = 1) -> np.ndarray:
     images = check_images(images, channels, min_size=min_size)
     if images.dtype != dtype:
@@ -182,7 +140,7 @@ def comparison_images(sources: Sources, keras_model: keras.Model, images: np.nda
 
 def verify_sources(sources: Sources) -> VerifyReport:
     """``resnet34-parity verify``: load and compare, stage by stage, against Keras."""
-    given = read_images(sources.images) if sources.images else None
+    given = check_request(sources)
     pair = load_pair(sources)
     if sources.onnx and model_dtype(pair.keras_model) != "float32":
         raise InputError("--onnx compares a float32 ONNX file; run it with --dtype float32")
@@ -200,11 +158,7 @@ def verify_sources(sources: Sources) -> VerifyReport:
 
 def training_pair(sources: Sources) -> ModelPair:
     """The Keras model that trains as the reference (a file keeps its compiled optimizer and loss), its torch side."""
-    if sources.onnx:
-        raise InputError("--train compares training steps; an ONNX file has none (drop --onnx)")
-    if not sources.keras:
-        if sources.torch:
-            raise InputError("--train needs --keras (the reference it trains); --torch alone has no Keras optimizer")
+    if not sources.keras:  # (check_request refused --onnx, and --torch alone)
         return _twins(sources, _twin_head(sources))
     keras_model = load_keras(sources.keras, sources.classifier_activation)
     _with_head(keras_model, sources.keras)
@@ -263,12 +217,7 @@ class PreparedTraining:
 
 def prepare_training(sources: Sources, choice: TrainingChoice) -> PreparedTraining:
     """Check the options, load the models and the data, and choose the optimizer; bad input raises here."""
-    if choice.steps < 1:
-        raise InputError(f"--steps must be a positive integer; received {choice.steps}")
-    for flag, value in (("--learning-rate", choice.learning_rate), ("--weight-decay", choice.weight_decay)):
-        if value is not None and (not math.isfinite(value) or value < 0 or (flag == "--learning-rate" and value == 0)):
-            raise InputError(f"{flag} must be a finite positive number; received {value}")
-    given = read_images(sources.images) if sources.images else None  # bad images fail before the models load
+    given = check_request(sources, choice)  # bad options, paths and images fail before the models load
     pair = training_pair(sources)
     images, labels = training_data(sources, pair.keras_model, choice.steps, given)
     compiled = getattr(pair.keras_model, "optimizer", None)
