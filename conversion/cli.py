@@ -294,7 +294,8 @@ def _export_onnx(args: argparse.Namespace, status: object) -> int:
 
         from conversion.deploy.commands import export_command
 
-        return export_command(args, Console(stderr=True))
+        return export_command(args, Console(stderr=True))  # checks its options, then the model
+    check_source(args.model)
     from conversion.files import load_model
     from conversion.onnx_export import export_onnx
     from conversion.weights import torch_to_keras
@@ -315,8 +316,6 @@ def _check_before_loading(args: argparse.Namespace) -> None:
         check_request(_sources(args), _training_choice(args) if args.train else None)
     elif args.command == "convert":
         check_source(args.src)
-    elif args.command == "export-onnx":
-        check_source(args.model)
 
 
 def _run(args: argparse.Namespace) -> int:
