@@ -49,8 +49,9 @@ def keras_floors() -> dict[int, object]:
 
 
 def _verify(keras_model, torch_model, images, keras_floors):
-    floor = keras_floors.setdefault(id(keras_model), keras_floor_twin(keras_model))
-    return verify_models(keras_model, torch_model, images, keras_floor=floor)
+    if id(keras_model) not in keras_floors:  # (not setdefault: its default would be built on every call)
+        keras_floors[id(keras_model)] = keras_floor_twin(keras_model)
+    return verify_models(keras_model, torch_model, images, keras_floor=keras_floors[id(keras_model)])
 
 
 class _NhwcReadAsNchw(nn.Module):

@@ -31,6 +31,7 @@ from conversion.verify.noise_floor import (
     floor_multiple,
     judge,
     keras_floor_twin,
+    release_clone,
     scale_of,
     scaled_distance,
     torch_floor_twin,
@@ -149,8 +150,15 @@ def training_check(
     n / (n - 1) shows beyond the floor. Neither model is changed: Keras's statistics are restored and torch
     runs on a copy.
     """
+    if keras_floor is None:
+        keras_floor = keras_floor_twin(keras_model, seed)
+        try:
+            return training_check(
+                keras_model, torch_model, images, tolerance, keras_floor=keras_floor, torch_floor=torch_floor, seed=seed
+            )
+        finally:
+            release_clone(keras_floor)  # built here, used only here
     multiple = floor_multiple(model_dtype(keras_model))
-    keras_floor = keras_floor_twin(keras_model, seed) if keras_floor is None else keras_floor
     torch_floor = torch_floor_twin(torch_model, seed) if torch_floor is None else torch_floor
     pairs = batchnorm_pairs(keras_model, torch_model)
     old = _statistics(pairs, "keras")
@@ -257,10 +265,23 @@ def verify_models(
         keras_floor: ``noise_floor.keras_floor_twin(keras_model, seed)`` where the caller already holds it (it
             depends only on the Keras model).
     """
+    if keras_floor is None:
+        keras_floor = keras_floor_twin(keras_model, seed)
+        try:
+            return verify_models(
+                keras_model,
+                torch_model,
+                images,
+                onnx_path=onnx_path,
+                train_check=train_check,
+                seed=seed,
+                keras_floor=keras_floor,
+            )
+        finally:
+            release_clone(keras_floor)  # built here, used only here
     dtype = model_dtype(keras_model)
     tolerance = TOLERANCE.get(dtype, TOLERANCE["float32"])
     multiple = floor_multiple(dtype)
-    keras_floor = keras_floor_twin(keras_model, seed) if keras_floor is None else keras_floor
     reference_stages = keras_stages(keras_model)
     names = [name for name, _ in reference_stages]
     sides = _Sides(dict(reference_stages), {}, dict(keras_stages(keras_floor)), {})

@@ -20,6 +20,7 @@ times its floor AND beyond the absolute bound; a ported bug adds its own effect,
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import dataclass
 
@@ -127,13 +128,18 @@ def floor_images(images: np.ndarray, seed: int = 0) -> np.ndarray:
     return images.astype(np.float64)
 
 
-def keras_clone(model: keras.Model, dtype: str) -> keras.Model:
-    """A new Keras model of ``model``'s architecture computing in ``dtype``, weights cast (exact when widening).
+# Rebuilding a Keras ResNet-34 layer by layer takes ~1 s; setting its weights ~0.15 s. One process (a keep-float
+# search, a test suite) compares many models of one architecture, so a clone its caller has released is kept, by
+# architecture and dtype, and handed out again with every weight (moving statistics included) reassigned.
+_SPARE_CLONES: dict[str, keras.Model] = {}
+SPARE_CLONES_KEPT = 2
 
-    Layers are rebuilt from their configs with ``dtype`` while floatx and the global policy say ``dtype`` too,
-    so sublayers made without a dtype argument (the book's ResidualUnit makes its own) follow, and the Input
-    is rebuilt in ``dtype`` (Keras casts what it is fed to the Input's dtype).
-    """
+
+def _architecture(model: keras.Model, dtype: str) -> str:
+    return json.dumps([model.get_config(), model.input_shape, dtype], sort_keys=True, default=str)
+
+
+def _rebuilt(model: keras.Model, dtype: str) -> keras.Model:
     previous = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx(dtype)
     keras.config.set_dtype_policy(dtype)
@@ -151,18 +157,43 @@ def keras_clone(model: keras.Model, dtype: str) -> keras.Model:
     dtypes = {keras.backend.standardize_dtype(v.dtype) for v in clone.weights}
     if dtypes != {dtype}:  # a layer that ignores its dtype would make the floor a mixed-precision one
         raise ValueError(f"could not rebuild the Keras model in {dtype}: its variables are {sorted(dtypes)}")
-    clone.set_weights([np.asarray(w).astype(dtype) for w in model.get_weights()])
+    clone._parity_architecture = _architecture(model, dtype)
     return clone
+
+
+def keras_clone(model: keras.Model, dtype: str, weights: list[np.ndarray] | None = None) -> keras.Model:
+    """A new Keras model of ``model``'s architecture computing in ``dtype``, weights cast (exact when widening), or
+    ``weights`` where given.
+
+    Layers are rebuilt from their configs with ``dtype`` while floatx and the global policy say ``dtype`` too,
+    so sublayers made without a dtype argument (the book's ResidualUnit makes its own) follow, and the Input
+    is rebuilt in ``dtype`` (Keras casts what it is fed to the Input's dtype). The clone is the caller's; one it
+    gives back with ``release_clone`` may be handed out again.
+    """
+    spare = _SPARE_CLONES.pop(_architecture(model, dtype), None)
+    clone = spare if spare is not None else _rebuilt(model, dtype)
+    clone.set_weights(weights if weights is not None else [np.asarray(w).astype(dtype) for w in model.get_weights()])
+    return clone
+
+
+def release_clone(clone: keras.Model) -> None:
+    """Give back a clone from ``keras_clone`` that nothing uses any more (a few are kept for the next request)."""
+    key = getattr(clone, "_parity_architecture", None)
+    if key is None:
+        return
+    _SPARE_CLONES.pop(key, None)
+    while len(_SPARE_CLONES) >= SPARE_CLONES_KEPT:
+        _SPARE_CLONES.pop(next(iter(_SPARE_CLONES)))
+    _SPARE_CLONES[key] = clone
 
 
 def keras_floor_twin(model: keras.Model, seed: int = 0) -> keras.Model:
     """The Keras model's floor twin: float64 with the same weights (float32 model), or one ulp apart (float64)."""
     dtype = keras.backend.standardize_dtype(model.weights[0].dtype)
-    clone = keras_clone(model, "float64")
     if dtype == "float64":
         rng = np.random.default_rng(seed)
-        clone.set_weights([one_ulp_apart(w, rng) for w in clone.get_weights()])
-    return clone
+        return keras_clone(model, "float64", [one_ulp_apart(np.asarray(w), rng) for w in model.get_weights()])
+    return keras_clone(model, "float64")
 
 
 def torch_floor_twin(model: nn.Module, seed: int = 0) -> nn.Module:
