@@ -17,14 +17,16 @@ import keras_impl  # first: TensorFlow then loads locally and quietly (docs/pitf
 import importlib
 import types
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import keras
 import pytest
-import torch
 
-import conversion
-from conversion.hostile import randomize_weights
+if TYPE_CHECKING:
+    import keras
+    import torch
 
+# Nothing heavy at import: pytest-xdist's controller process loads this file too, and runs no test; the workers import
+# TensorFlow and torch with the test modules, after keras_impl above.
 SEED = 0
 
 
@@ -36,6 +38,9 @@ def make_twins(
     activation: str = "relu",
 ) -> tuple[keras.Model, torch.nn.Module]:
     """A Keras ResNet-34 with hostile weights (any input size) and its converted torch twin."""
+    import conversion
+    from conversion.hostile import randomize_weights
+
     model = keras_impl.build_resnet34(num_classes, (None, None, 3), classifier_activation, dtype, activation=activation)
     randomize_weights(model, seed)
     return model, conversion.keras_to_torch(model)
@@ -62,6 +67,9 @@ def unit_twins() -> Callable[..., tuple[keras_impl.ResidualUnit, torch.nn.Module
     cache: dict[tuple, tuple[keras_impl.ResidualUnit, torch.nn.Module]] = {}
 
     def make(in_channels: int, filters: int, strides: int, dtype: str, seed: int = SEED):
+        import conversion
+        from conversion.hostile import randomize_weights
+
         key = (in_channels, filters, strides, dtype, seed)
         if key not in cache:
             unit = keras_impl.ResidualUnit(filters, strides=strides, dtype=dtype)
@@ -73,14 +81,21 @@ def unit_twins() -> Callable[..., tuple[keras_impl.ResidualUnit, torch.nn.Module
     return make
 
 
-# The longest files first: pytest-xdist hands files to workers in collection order, and a long one handed out last
-# would keep one worker busy after the other has finished.
+# The longest files first (measured with `pytest --durations=0`): pytest-xdist hands files to workers in this order
+# (pyproject.toml turns off its own reordering by test count), and a long file handed out last would keep one worker
+# busy after the other has finished.
 LONGEST_FIRST = (
     "test_train_verify.py",
-    "test_deploy_trained.py",
-    "test_machine_numerics.py",
+    "test_checkpoints.py",
+    "test_deploy_trained.py",  # trains the digits model where it is not cached yet
+    "test_deploy.py",
+    "test_book_code.py",
+    "test_verify.py",
     "test_onnx.py",
     "test_torchvision_timm.py",
+    "test_machine_numerics.py",
+    "test_mutations.py",
+    "test_environment.py",
 )
 
 
@@ -105,6 +120,8 @@ def import_peer(name: str) -> types.ModuleType:
     PyPI's torchvision is built against torch's default (CUDA) build and does not import beside the CPU build
     of another version ("operator torchvision::nms does not exist"). Under .ci/run the skip is a failure.
     """
+    import torch
+
     try:
         return importlib.import_module(name)
     except Exception as error:  # ImportError, or torchvision's RuntimeError beside a mismatched torch
