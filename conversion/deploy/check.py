@@ -67,48 +67,61 @@ def kept_float_of(model: Any) -> tuple[str, ...]:
     return () if recorded == "none" else check_keep_float(recorded.split(","))
 
 
-def _session(model: Any, threads: int | None = None) -> Any:
+def _session(serialized: bytes, threads: int | None = None) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
     except Exception as error:  # ORT's own exception types
         raise InputError(f"the ONNX file does not load in ONNX Runtime ({str(error).splitlines()[0][:160]})") from None
+
+
+# Shape inference needs every initializer's dims and type, and the values of the small ones only (Reshape's shape,
+# Pad's pads): the large ones go in as empty tensors, so that ResNet-34's 85 MB of weights are not copied twice.
+_INFERENCE_DATA_LIMIT = 4096  # bytes
 
 
 def _tensor_types(model: Any) -> dict[str, int]:
     import onnx
 
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)  # (the copy is of the graph's structure: the large tensors are emptied next)
+    for tensor in skeleton.graph.initializer:
+        if len(tensor.raw_data) > _INFERENCE_DATA_LIMIT:
+            tensor.ClearField("raw_data")
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(skeleton)
     except Exception:  # ops shape inference does not know: their types are left to the runtime
-        inferred = model
+        inferred = skeleton
     graph = inferred.graph
     return {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.output, *graph.input)}
 
 
-def float16_tensors(model: Any) -> list[str]:
+def float16_tensors(model: Any, types: dict[str, int] | None = None) -> list[str]:
     """Every tensor a node of the file writes in float16."""
-    types = _tensor_types(model)
+    types = _tensor_types(model) if types is None else types
     return [name for node in model.graph.node for name in node.output if types.get(name) == 10]  # FLOAT16
 
 
-def _with_outputs(model: Any, names: list[str]) -> Any:
-    """A copy of the model with ``names`` as extra graph outputs (types from shape inference)."""
+def _with_outputs(model: Any, names: list[str], types: dict[str, int]) -> bytes:
+    """The model serialized with ``names`` as extra graph outputs (``types`` from shape inference); ``model`` itself
+    is left as it was (the outputs are added for the serialization only: no copy of its weights is made)."""
     import onnx
 
-    probe = onnx.ModelProto.FromString(model.SerializeToString())
-    types = _tensor_types(probe)
-    existing = {v.name for v in probe.graph.output}
+    existing = {v.name for v in model.graph.output}
+    before = len(model.graph.output)
     for name in names:
         if name not in existing:
             elem = types.get(name) or onnx.TensorProto.FLOAT
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
             existing.add(name)
-    return probe
+    try:
+        return model.SerializeToString()
+    finally:
+        del model.graph.output[before:]
 
 
 def _feed(model: Any, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -143,7 +156,8 @@ class DeployedModel:
         first = self.model.graph.input[0].type.tensor_type.shape.dim[0]
         self.batch = first.dim_value if first.HasField("dim_value") and first.dim_value > 0 else None
         self.logits_name = self.stage_map.boundaries["logits"]
-        self.session = _session(_with_outputs(self.model, [self.logits_name]), threads)
+        self.tensor_types = _tensor_types(self.model)
+        self.session = _session(_with_outputs(self.model, [self.logits_name], self.tensor_types), threads)
         self._probe = None
         self._float16: list[str] = []
         self.overflow: str | None = None  # the first stage holding a non-finite tensor in the probe
@@ -169,9 +183,9 @@ class DeployedModel:
         non-finite float16 tensor.
         """
         if self._probe is None:
-            self._float16 = float16_tensors(self.model) if self.precision == "fp16" else []
+            self._float16 = float16_tensors(self.model, self.tensor_types) if self.precision == "fp16" else []
             names = [*self.stage_map.boundaries.values(), *self._float16]
-            self._probe = _session(_with_outputs(self.model, names), self.threads)
+            self._probe = _session(_with_outputs(self.model, names, self.tensor_types), self.threads)
         stages = list(self.stage_map.boundaries)
         names = [self.stage_map.boundaries[s] for s in stages]
         extra = [name for name in self._float16 if name not in names]
