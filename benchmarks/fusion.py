@@ -22,6 +22,7 @@ from torch_impl import ResidualUnit, ResNet34
 from torch_impl.padding import Conv2dSame, padded_for_conv
 
 
+@torch.no_grad()  # constants, not part of the model's autograd graph (and so a fused model can be deep-copied)
 def fold_batch_norm(conv: Conv2dSame, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias) of one convolution that computes ``bn(conv(x))`` in eval mode, in float64."""
     scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)

@@ -16,6 +16,8 @@ through float32 gave 2.6e-8 here and failed).
 
 from __future__ import annotations
 
+import copy
+
 import keras_impl  # noqa: F401  (first: TensorFlow then loads locally and quietly, see docs/pitfalls.md)
 
 # isort: split
@@ -83,3 +85,11 @@ def test_fused_model_refuses_what_it_cannot_fuse(kwargs, message):
     model = torch_impl.ResNet34(**{"classifier_activation": None, **kwargs})
     with pytest.raises(ValueError, match=message):
         FusedResNet34(model)
+
+
+def test_a_fused_model_copies_like_any_module():
+    """What the GPU profile does with it: deepcopy, then half precision (folded constants hold no autograd graph)."""
+    fused = FusedResNet34(torch_impl.ResNet34(num_classes=10, classifier_activation=None).eval())
+    assert not any(buffer.requires_grad for buffer in fused.buffers())
+    half = copy.deepcopy(fused).half()
+    assert half.stem.weight.dtype == torch.float16 and fused.stem.weight.dtype == torch.float32
