@@ -43,7 +43,8 @@ except ImportError as error:
     print("refused:", error)
 print("alive", "triton" in sys.modules)
 """
-# The command's --help and each subcommand's: how long, and whether TensorFlow or torch got imported.
+# The command's --help and each subcommand's, and two refused commands: how long, and whether TensorFlow or torch got
+# imported.
 HELP = """
 import sys, time
 start = time.perf_counter()
@@ -53,6 +54,9 @@ for argv in (["--help"], ["verify", "--help"], ["convert", "--help"], ["export-o
         main(argv)
     except SystemExit:
         pass
+# Bad arguments are refused before the frameworks load too (one line each on stderr, exit 2).
+for argv in (["verify", "--train", "--steps", "0"], ["convert", "missing.pt", "out.keras"]):
+    assert main(argv) == 2, argv
 heavy = sorted(m for m in ("tensorflow", "torch", "keras", "jax") if m in sys.modules)
 print("seconds", time.perf_counter() - start, "heavy", ",".join(heavy) or "none", file=sys.stderr)
 """
@@ -101,12 +105,12 @@ def test_after_a_global_tensorflow_triton_is_refused_in_one_line_instead_of_cras
         assert refusal.startswith("refused: triton is not loaded in this process") and refusal.count("\n") == 0
 
 
-def test_help_answers_in_under_a_second_without_tensorflow_or_torch(processes):
+def test_help_and_bad_arguments_answer_in_under_a_second_without_tensorflow_or_torch(processes):
     code, _, stderr = _result(processes, "help")
     assert code == 0, stderr
     _, seconds, _, heavy = stderr.split()[-4:]
     assert heavy == "none", stderr
-    assert float(seconds) < 1.0, stderr  # measured here: ~0.05 s for the four
+    assert float(seconds) < 1.0, stderr  # measured here: ~0.1 s for the four and the two refusals
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
