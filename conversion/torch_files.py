@@ -25,9 +25,8 @@ from conversion.file_io import (
     HF_WEIGHTS,
     TORCH_SUFFIXES,
     atomic_output,
+    check_source,
     first_line,
-    is_huggingface_folder,
-    require_file,
 )
 from conversion.state_dicts import (
     read_state_dict,
@@ -67,12 +66,10 @@ def _read_huggingface_config(folder: Path) -> None:
 
 
 def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    check_source(path, "torch")  # a state dict's file, or a Hugging Face folder with its config and weights
     if path.is_dir():
-        if not is_huggingface_folder(path):
-            raise WeightFileError(f"{path}: a folder without config.json and {' or '.join(HF_WEIGHTS)}")
         _read_huggingface_config(path)
         path = next(path / name for name in HF_WEIGHTS if (path / name).is_file())
-    require_file(path, TORCH_SUFFIXES)
     metadata: dict[str, str] = {}
     try:
         if path.suffix == ".safetensors":

@@ -88,7 +88,7 @@ def _tensor_types(model: Any) -> dict[str, int]:
     import onnx
 
     skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)  # (the copy is of the graph's structure: the large tensors are emptied next)
+    skeleton.CopyFrom(model)  # a plain copy (~20 ms for 85 MB); what costs is inference over the bytes, not copying
     for tensor in skeleton.graph.initializer:
         if len(tensor.raw_data) > _INFERENCE_DATA_LIMIT:
             tensor.ClearField("raw_data")

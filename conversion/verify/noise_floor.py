@@ -139,7 +139,7 @@ def _architecture(model: keras.Model, dtype: str) -> str:
     return json.dumps([model.get_config(), model.input_shape, dtype], sort_keys=True, default=str)
 
 
-def _rebuilt(model: keras.Model, dtype: str) -> keras.Model:
+def _rebuilt(model: keras.Model, dtype: str, architecture: str) -> keras.Model:
     previous = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx(dtype)
     keras.config.set_dtype_policy(dtype)
@@ -157,7 +157,7 @@ def _rebuilt(model: keras.Model, dtype: str) -> keras.Model:
     dtypes = {keras.backend.standardize_dtype(v.dtype) for v in clone.weights}
     if dtypes != {dtype}:  # a layer that ignores its dtype would make the floor a mixed-precision one
         raise ValueError(f"could not rebuild the Keras model in {dtype}: its variables are {sorted(dtypes)}")
-    clone._parity_architecture = _architecture(model, dtype)
+    clone._parity_architecture = architecture
     return clone
 
 
@@ -170,8 +170,9 @@ def keras_clone(model: keras.Model, dtype: str, weights: list[np.ndarray] | None
     is rebuilt in ``dtype`` (Keras casts what it is fed to the Input's dtype). The clone is the caller's; one it
     gives back with ``release_clone`` may be handed out again.
     """
-    spare = _SPARE_CLONES.pop(_architecture(model, dtype), None)
-    clone = spare if spare is not None else _rebuilt(model, dtype)
+    architecture = _architecture(model, dtype)
+    spare = _SPARE_CLONES.pop(architecture, None)
+    clone = spare if spare is not None else _rebuilt(model, dtype, architecture)
     clone.set_weights(weights if weights is not None else [np.asarray(w).astype(dtype) for w in model.get_weights()])
     return clone
 
