@@ -6,20 +6,44 @@ Every BatchNorm is folded into the convolution before it (in float64, then cast)
 by an element-wise kernel that reads and writes the whole activation again. Off CUDA the same folded
 layers run as ``F.conv2d`` + add + ReLU, which is how the tests check the folding on a CPU.
 
-TF "same" padding still comes from ``torch_impl.padding``. The benchmark's ``max_rel_err`` column checks
-every row of this model against the Keras float32 reference, like every other row.
+What is left between the convolutions is TF "same" padding and the stem's max-pool. On CUDA these are
+rewritten too (each rewrite exact, each an argument, so the tests run it on a CPU and the GPU profile can
+time each one against the plain version; the H200 figures are in benchmarks/README.md):
+
+- ``strided="zero-tap"``: a convolution that TF pads one pixel more at the bottom/right, (p, p + 1), gets a
+  kernel one row/column larger whose leading row/column is zero, and symmetric padding p + 1. Its windows
+  start one pixel earlier and that pixel meets the zero tap, so it sums exactly the pixels TF's does, with
+  the same output size, and no padded copy of the input is made. It costs (k+1)^2/k^2 of that conv's MACs.
+- ``stem="copy4"``: the stem's input is padded in ONE copy that also appends a zero 4th channel (and the
+  stem's weights a zero input channel): cuDNN's 7x7 first-layer kernel wants 4 channels and otherwise pads
+  them itself in extra kernels. ``stem="zero-tap"`` (an 8x8 kernel, no copy) is exact too, but on the H200
+  it lost that kernel and took 2 ms more at batch 256.
+- ``compile_glue``: on CUDA the stem's max-pool and the remaining pad copies run as small ``torch.compile``
+  functions, one Triton kernel each; torch's own max-pool writes an int64 index per output (H200, batch
+  256: 0.81 ms, against 0.13 ms compiled).
+- ``fold_skip_bias``: the projection's folded bias goes into the bias of the cuDNN call that adds the skip
+  (``conv2``), so the 1x1 projection is a bias-free convolution; torch adds a convolution's bias in a separate
+  kernel on its cuDNN path.
+
+``"auto"`` takes the GPU rewrite on CUDA and the plain copy elsewhere (where a copy is cheap and extra
+MACs are not). The benchmark's ``max_rel_err`` column checks every row against the float32 reference.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from torch_impl import ResidualUnit, ResNet34
-from torch_impl.padding import Conv2dSame, padded_for_conv
+from torch_impl.padding import Conv2dSame, max_pool_same, same_padding
+
+STEMS = ("auto", "copy", "copy4", "zero-tap")
+STRIDED = ("auto", "copy", "zero-tap")
 
 
 @torch.no_grad()  # constants, not part of the model's autograd graph (and so a fused model can be deep-copied)
@@ -33,27 +57,106 @@ def fold_batch_norm(conv: Conv2dSame, bn: nn.BatchNorm2d) -> tuple[torch.Tensor,
     return weight, bias
 
 
-class FusedConv(nn.Module):
-    """A TF-"same" convolution with its BatchNorm folded in, optionally + residual and ReLU, in one call."""
+def pad_copy(x: torch.Tensor, pad: tuple[int, ...]) -> torch.Tensor:
+    """``F.pad(x, pad)`` with zeros, in x's memory format (channels_last stays channels_last)."""
+    return F.pad(x, pad)
 
-    def __init__(self, conv: Conv2dSame, bn: nn.BatchNorm2d, relu: bool) -> None:
+
+def stem_max_pool(x: torch.Tensor) -> torch.Tensor:
+    """The book's 3x3/2 TF "same" max-pool (-inf padding)."""
+    return max_pool_same(x, 3, 2)
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    # One compiled wrapper per function, shared by every model; one graph per input shape (dynamic=False).
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
+def glue(fn: Callable, x: torch.Tensor, compile_glue: bool) -> Callable:
+    """``fn`` compiled into one Triton kernel where that pays (CUDA, not already inside a compiled model)."""
+    if compile_glue and x.is_cuda and not torch.compiler.is_compiling():
+        return _compiled(fn)
+    return fn
+
+
+def _pick(mode: str, x: torch.Tensor, on_cuda: str, elsewhere: str) -> str:
+    return mode if mode != "auto" else (on_cuda if x.is_cuda else elsewhere)
+
+
+class FusedConv(nn.Module):
+    """A TF-"same" convolution with its BatchNorm folded in, optionally + residual and ReLU, in one call.
+
+    Args:
+        uneven: how uneven TF padding (p, p + 1) is applied: "copy" (a padded copy of the input), "zero-tap"
+            (a kernel grown by a zero leading row/column, symmetric padding p + 1, no copy) or "auto".
+        channels_to: pad the input (in the pad copy, which is then always made) and the weights with zero
+            channels up to this many; None leaves them.
+        channels_on_cpu: False pads the channels on CUDA only.
+        with_bias: False for a convolution whose bias the next fused call adds (``extra_bias`` there).
+        extra_bias: a float64 bias added to the folded one (the projection's, see ``fold_skip_bias``).
+        compile_glue: on CUDA, make the pad copy one compiled kernel.
+    """
+
+    def __init__(
+        self,
+        conv: Conv2dSame,
+        bn: nn.BatchNorm2d,
+        relu: bool,
+        *,
+        uneven: str = "copy",
+        channels_to: int | None = None,
+        channels_on_cpu: bool = True,
+        with_bias: bool = True,
+        extra_bias: torch.Tensor | None = None,
+        compile_glue: bool = False,
+    ) -> None:
         super().__init__()
         weight, bias = fold_batch_norm(conv, bn)
+        if extra_bias is not None:
+            bias = bias + extra_bias
         dtype = conv.weight.dtype
         self.register_buffer("weight", weight.to(dtype))
-        self.register_buffer("bias", bias.to(dtype))
+        self.register_buffer("bias", bias.to(dtype) if with_bias else None)
         self.kernel_size, self.stride, self.relu = conv.kernel_size[0], conv.stride[0], relu
+        self.uneven, self.compile_glue = uneven, compile_glue
+        # TF's padding can be uneven only where it depends on the size (Conv2dSame.dynamic_padding).
+        dynamic = getattr(conv, "dynamic_padding", False)
+        if uneven in ("auto", "zero-tap") and dynamic:  # the even-sized case, both axes grown: precomputed
+            self.register_buffer("weight_grown", F.pad(weight, (1, 0, 1, 0)).to(dtype), persistent=False)
+        self.channels_to = channels_to if channels_to and channels_to > weight.shape[1] else None
+        self.channels_on_cpu = channels_on_cpu
+        if self.channels_to:
+            extra = (0, 0, 0, 0, 0, self.channels_to - weight.shape[1])
+            self.register_buffer("weight_channels", F.pad(weight, extra).to(dtype), persistent=False)
+
+    def _input_weight_padding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        top, bottom = same_padding(x.shape[-2], self.kernel_size, self.stride)
+        left, right = same_padding(x.shape[-1], self.kernel_size, self.stride)
+        channels = self.channels_to if (x.is_cuda or self.channels_on_cpu) else None
+        if top == bottom and left == right and not channels:
+            return x, self.weight, (top, left)
+        if not channels and _pick(self.uneven, x, "zero-tap", "copy") == "zero-tap":
+            grow_h, grow_w = bottom - top, right - left  # 0 or 1: TF puts the odd pixel after
+            if grow_h and grow_w:
+                weight = self.weight_grown
+            else:
+                weight = F.pad(self.weight, (grow_w, 0, grow_h, 0))  # a non-square input: one axis even
+            return x, weight, (bottom, right)
+        pad = (left, right, top, bottom)
+        weight = self.weight
+        if channels:
+            pad, weight = (*pad, 0, channels - x.shape[1]), self.weight_channels
+        return glue(pad_copy, x, self.compile_glue)(x, pad), weight, (0, 0)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        x, padding = padded_for_conv(x, self.kernel_size, self.stride)
+        x, weight, padding = self._input_weight_padding(x)
         stride, dilation = (self.stride, self.stride), (1, 1)
         if self.relu and x.is_cuda:
             if residual is None:
-                return torch.cudnn_convolution_relu(x, self.weight, self.bias, stride, padding, dilation, 1)
-            return torch.cudnn_convolution_add_relu(
-                x, self.weight, residual, 1.0, self.bias, stride, padding, dilation, 1
-            )
-        y = F.conv2d(x, self.weight, self.bias, stride, padding)
+                return torch.cudnn_convolution_relu(x, weight, self.bias, stride, padding, dilation, 1)
+            return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, self.bias, stride, padding, dilation, 1)
+        y = F.conv2d(x, weight, self.bias, stride, padding)
         if residual is not None:
             y = y + residual
         return F.relu(y) if self.relu else y
@@ -62,12 +165,20 @@ class FusedConv(nn.Module):
 class FusedResidualUnit(nn.Module):
     """``ResidualUnit`` as two or three fused convolutions: relu(conv_bn2(relu(conv_bn1(x))) + skip(x))."""
 
-    def __init__(self, unit: ResidualUnit) -> None:
+    def __init__(
+        self, unit: ResidualUnit, *, strided: str = "copy", fold_skip_bias: bool = False, compile_glue: bool = False
+    ) -> None:
         super().__init__()
         conv1, bn1, _, conv2, bn2 = unit.main_layers
-        self.conv1 = FusedConv(conv1, bn1, relu=True)
-        self.conv2 = FusedConv(conv2, bn2, relu=True)  # + the skip, then ReLU: cudnn_convolution_add_relu
-        self.skip = FusedConv(*unit.skip_layers, relu=False) if len(unit.skip_layers) else None
+        self.conv1 = FusedConv(conv1, bn1, relu=True, uneven=strided, compile_glue=compile_glue)
+        skip_bias = None
+        self.skip = None
+        if len(unit.skip_layers):
+            if fold_skip_bias:  # the projection's bias is added by conv2's cuDNN call, not by its own kernel
+                skip_bias = fold_batch_norm(*unit.skip_layers)[1]
+            self.skip = FusedConv(*unit.skip_layers, relu=False, with_bias=skip_bias is None)
+        # conv2 + the skip, then ReLU: cudnn_convolution_add_relu
+        self.conv2 = FusedConv(conv2, bn2, relu=True, extra_bias=skip_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = x if self.skip is None else self.skip(x)
@@ -77,26 +188,66 @@ class FusedResidualUnit(nn.Module):
 class FusedResNet34(nn.Module):
     """Inference-only ResNet-34 built from a (trained or converted) ``torch_impl.ResNet34``; logits out.
 
-    Only the book's ReLU network is supported (cuDNN fuses ReLU, not the other activations), and the
-    classifier must produce logits (``classifier_activation=None``), which is what the benchmark times.
+    Only the book's ReLU network in the book's convention is supported (cuDNN fuses ReLU, not the other
+    activations; the padding rewrites are TF "same"'s), and the classifier must produce logits
+    (``classifier_activation=None``), which is what the benchmark times.
+
+    Args:
+        stem: "copy" (pad the input in a copy), "copy4" (the same copy with a 4th zero channel), "zero-tap"
+            (an 8x8 kernel, no copy) or "auto" (copy4 on CUDA, copy elsewhere). See the module docstring.
+        strided: "copy", "zero-tap" or "auto" (zero-tap on CUDA, copy elsewhere), for the units' 3x3/2 convs.
+        compile_glue: on CUDA, the stem's max-pool and the pad copies as compiled Triton kernels.
+        fold_skip_bias: the projections' biases added inside the cuDNN call that adds the skip.
+        All off (stem="copy", strided="copy", False, False) is the first fused version, kept for comparison.
     """
 
-    def __init__(self, model: ResNet34) -> None:
+    def __init__(
+        self,
+        model: ResNet34,
+        *,
+        stem: str = "auto",
+        strided: str = "auto",
+        compile_glue: bool = True,
+        fold_skip_bias: bool = True,
+    ) -> None:
         super().__init__()
         if model.activation_name != "relu":
             raise ValueError(f"FusedResNet34 fuses ReLU only. Received: activation={model.activation_name!r}")
+        if model.convention != "book":
+            raise ValueError(
+                "FusedResNet34 rewrites the book's TF 'same' padding; the torchvision convention is not supported. "
+                f"Received: convention={model.convention!r}"
+            )
         if model.classifier_activation not in (None, "linear"):
             raise ValueError(
                 "FusedResNet34 returns logits; build the model with classifier_activation=None. "
                 f"Received: classifier_activation={model.classifier_activation!r}"
             )
-        self.stem = FusedConv(model.stem_conv, model.stem_bn, relu=True)
-        self.stem_pool = model.stem_pool  # the max-pool and the global average pool hold no weights
-        self.units = nn.Sequential(*(FusedResidualUnit(unit) for unit in model if isinstance(unit, ResidualUnit)))
-        self.avg_pool = model.avg_pool
+        for name, value, allowed in (("stem", stem, STEMS), ("strided", strided, STRIDED)):
+            if value not in allowed:
+                raise ValueError(f"FusedResNet34: {name} must be one of {allowed}. Received: {name}={value!r}")
+        self.compile_glue = compile_glue
+        self.stem = FusedConv(
+            model.stem_conv,
+            model.stem_bn,
+            relu=True,
+            uneven="zero-tap" if stem == "zero-tap" else "copy",
+            channels_to=4 if stem in ("auto", "copy4") else None,
+            channels_on_cpu=stem == "copy4",
+            compile_glue=compile_glue,
+        )
+        self.units = nn.Sequential(
+            *(
+                FusedResidualUnit(unit, strided=strided, fold_skip_bias=fold_skip_bias, compile_glue=compile_glue)
+                for unit in model
+                if isinstance(unit, ResidualUnit)
+            )
+        )
+        self.avg_pool = model.avg_pool  # the global average pool holds no weights
         self.classifier = copy.deepcopy(model.classifier)  # its own copy, in its own dtype
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.units(self.stem_pool(self.stem(x)))
+        x = self.stem(x)
+        x = self.units(glue(stem_max_pool, x, self.compile_glue)(x))
         return self.classifier(self.avg_pool(x))

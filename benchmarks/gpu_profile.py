@@ -1,6 +1,6 @@
 """Where the GPU time goes: the torch twin against torchvision's resnet34, interleaved, with a kernel profile.
 
-    python -m benchmarks.gpu_profile --out DIR [--batch-sizes 1 256] [--inductor]
+    python -m benchmarks.gpu_profile --out DIR [--batch-sizes 1 256] [--variants ...] [--eager-batch 64]
 
 Every variant runs fp16, channels_last, captured in a CUDA graph (launch gaps gone, so the time left is
 the kernels'), in ONE process, timed in alternating rounds (``benchmarks.common.interleave``) against
@@ -8,6 +8,11 @@ torchvision's ``resnet34(num_classes=10)`` as the baseline. Then ``torch.profile
 the GPU time by kernel category (convolution, pointwise, pad, pool, ...) and the top kernels, which is
 what explains a gap. The machine's two ceilings are measured first (an fp16 matrix product and a
 device-to-device copy), so each figure can be read against what the card actually delivers.
+
+The variants: the book twin (``twin``) eager, under inductor, and fused (``benchmarks.fusion``) in the
+versions of ``FUSED``; the twin in torchvision's convention (``twin-tvconv``: symmetric padding, no pad
+copies); torchvision's resnet34 eager and under inductor. With ``--eager-batch N`` the twin and torchvision
+also run plain eager (no CUDA graph) at batch N, TF32 and fp16, interleaved: what a user gets without work.
 
 Writes ``gpu_profile.json`` and ``gpu_profile.md`` into ``--out`` (atomically); the Markdown is printed.
 """
@@ -34,7 +39,30 @@ from benchmarks.common import (
 )
 from benchmarks.runtimes.pytorch import capture_cuda_graph
 
-VARIANTS = ("twin", "twin-fused", "twin-inductor", "torchvision-inductor", "torchvision")  # last: baseline
+# FusedResNet34's arguments per fused variant: v1 is the first version (pad copies, torch's max-pool, the
+# projection's bias added by its own kernel), v2 the defaults; the v2-* rows swap one v2 choice back.
+FUSED = {
+    "twin-fused-v1": {"stem": "copy", "strided": "copy", "compile_glue": False, "fold_skip_bias": False},
+    "twin-fused-v2": {},
+    "twin-fused-v2-padcopies": {"strided": "copy"},  # compiled pad copies instead of zero-tap kernels
+    "twin-fused-v2-stem8": {"stem": "zero-tap"},  # the stem as an 8x8 zero-tap kernel, no copy
+}
+VARIANTS = (
+    "twin",
+    *FUSED,
+    "twin-inductor",
+    "twin-tvconv",
+    "torchvision-inductor",
+    "torchvision",  # last: the baseline
+)
+EAGER_VARIANTS = (  # last: the baseline
+    "twin-tf32",
+    "twin-tvconv-tf32",
+    "torchvision-tf32",
+    "twin-fp16",
+    "twin-tvconv-fp16",
+    "torchvision-fp16",
+)
 
 # Kernel name fragments -> category, first match wins (cuDNN's BN kernels also say "cudnn", so BN first).
 CATEGORIES = (
@@ -86,8 +114,17 @@ def ceilings(torch) -> dict:
     }
 
 
+def truth_of(variant: str) -> str:
+    """The float32 model whose output a variant is checked against: twin, twin-tvconv or torchvision."""
+    for base in ("torchvision", "twin-tvconv"):
+        if variant.startswith(base):
+            return base
+    return "twin"
+
+
 def build_models(torch, weights: str | None) -> dict:
-    """The twin (prepared weights if given) and torchvision's resnet34, both 10 classes, logits out."""
+    """The twin (prepared weights if given), its fused versions, the torchvision-convention twin and torchvision's
+    resnet34, all 10 classes, logits out."""
     import torchvision
 
     import torch_impl
@@ -97,13 +134,15 @@ def build_models(torch, weights: str | None) -> dict:
     twin = torch_impl.ResNet34(num_classes=NUM_CLASSES, classifier_activation=None).eval()
     if weights:
         twin.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    tvconv = torch_impl.ResNet34(num_classes=NUM_CLASSES, classifier_activation=None, convention="torchvision").eval()
     reference = torchvision.models.resnet34(num_classes=NUM_CLASSES).eval()
-    for model in (twin, reference):  # running statistics that are not the init's 0 and 1
+    for model in (twin, tvconv, reference):  # running statistics that are not the init's 0 and 1
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d) and not weights:
                 module.running_mean.normal_(0.0, 0.1)
                 module.running_var.uniform_(0.5, 1.5)
-    return {"twin": twin, "twin-fused": FusedResNet34(twin), "torchvision": reference}
+    fused = {name: FusedResNet34(twin, **kwargs) for name, kwargs in FUSED.items()}
+    return {"twin": twin, **fused, "twin-tvconv": tvconv, "torchvision": reference}
 
 
 def captured(torch, forward: Callable, x) -> tuple[Callable[[], object], object]:
@@ -174,6 +213,7 @@ def run(args: argparse.Namespace) -> dict:
         "ceilings": ceilings(torch),
         "batches": {},
     }
+    results["fused_configs"] = {name: FUSED[name] for name in args.variants if name in FUSED}
     print(f"ceilings: {results['ceilings']}", flush=True)
     models = {name: model.cuda() for name, model in build_models(torch, args.weights).items()}
     fast = {name: copy.deepcopy(model).half().to(memory_format=torch.channels_last) for name, model in models.items()}
@@ -181,18 +221,28 @@ def run(args: argparse.Namespace) -> dict:
         for batch in args.batch_sizes:
             x32 = torch.randn(batch, 3, *IMAGE_SIZE, device="cuda")
             x = x32.half().contiguous(memory_format=torch.channels_last)
-            expected = {name: models[name](x32).float() for name in ("twin", "torchvision")}
+            expected = {name: models[name](x32).float() for name in {truth_of(v) for v in args.variants}}
             forwards: dict[str, Callable] = {}
             for name in args.variants:
                 model = fast[name.removesuffix("-inductor")]
                 forwards[name] = torch.compile(model, dynamic=False) if name.endswith("-inductor") else model
-            calls, errors, compile_s = {}, {}, {}
-            for name, forward in forwards.items():
+            calls, errors, compile_s, failed = {}, {}, {}, {}
+            for name, forward in list(forwards.items()):
                 start = time.perf_counter()
-                calls[name], out = captured(torch, forward, x)
-                calls[name]()  # a capture records the kernels without running them: replay once before reading
+                try:
+                    calls[name], out = captured(torch, forward, x)
+                    calls[name]()  # a capture records the kernels without running them: replay once before reading
+                except Exception as error:  # one variant that fails (a compile, a capture) leaves the others' rows
+                    if name == args.variants[-1]:
+                        raise
+                    failed[name] = f"{type(error).__name__}: {error}"[:500]
+                    print(f"batch {batch}: {name} FAILED: {failed[name]}", flush=True)
+                    calls.pop(name, None)
+                    del forwards[name]
+                    torch.cuda.synchronize()
+                    continue
                 compile_s[name] = time.perf_counter() - start
-                truth = expected["torchvision" if name.startswith("torchvision") else "twin"]
+                truth = expected[truth_of(name)]
                 errors[name] = float((out.float() - truth).abs().max() / truth.abs().max())
                 print(f"batch {batch}: {name} ready in {compile_s[name]:.1f} s, rel err {errors[name]:.1e}", flush=True)
             timing = interleave(calls, args.rounds, args.per_round, args.warmup)
@@ -208,10 +258,53 @@ def run(args: argparse.Namespace) -> dict:
                 "max_rel_err_vs_fp32": errors,
                 "capture_s": compile_s,
                 "profile": profiles,
+                "failed": failed,
             }
             torch._dynamo.reset()
+        if args.eager_batch:
+            try:
+                results["eager"] = eager_rows(torch, models, args)
+            except Exception as error:  # keep the batches' results
+                results["eager_error"] = f"{type(error).__name__}: {error}"[:500]
+                print(f"eager rows FAILED: {results['eager_error']}", flush=True)
     results["load_avg"] = list(os.getloadavg())
     return results
+
+
+def eager_rows(torch, models: dict, args: argparse.Namespace) -> dict:
+    """Plain eager calls (no graph, no compiling) of the twins and torchvision at ``--eager-batch``, TF32 and fp16,
+    channels_last, interleaved; torchvision fp16 is the baseline. TF32 is switched on for cuDNN and matmuls here
+    only, and switched off again after."""
+    batch = args.eager_batch
+    x32 = torch.randn(batch, 3, *IMAGE_SIZE, device="cuda")
+    expected = {name: models[name](x32).float() for name in ("twin", "twin-tvconv", "torchvision")}  # TF32 off
+    inputs = {
+        "tf32": x32.contiguous(memory_format=torch.channels_last),
+        "fp16": x32.half().contiguous(memory_format=torch.channels_last),
+    }
+    calls, errors = {}, {}
+    for name in EAGER_VARIANTS:
+        base, _, precision = name.rpartition("-")
+        model = copy.deepcopy(models[base]).to(memory_format=torch.channels_last)
+        model = model.half() if precision == "fp16" else model
+
+        def call(model=model, x=inputs[precision]) -> object:
+            out = model(x)
+            torch.cuda.synchronize()
+            return out
+
+        calls[name] = call
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        for name, call in calls.items():
+            truth = expected[truth_of(name)]
+            errors[name] = float((call().float() - truth).abs().max() / truth.abs().max())
+        timing = interleave(calls, args.rounds, args.per_round, args.warmup)
+    finally:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    timing["img_per_s"] = {name: batch / (ms / 1e3) for name, ms in timing["median_ms"].items()}
+    print(f"eager batch {batch}: {timing['median_ms']}", flush=True)
+    return {"batch": batch, "timing": timing, "max_rel_err_vs_fp32": errors}
 
 
 def markdown(results: dict) -> str:
@@ -226,12 +319,17 @@ def markdown(results: dict) -> str:
         f"- Ceilings measured here: fp16 matmul {ceil['fp16_matmul_tflops']:.0f} TFLOP/s, "
         f"copy {ceil['copy_gb_per_s']:.0f} GB/s ({ceil['how']})",
     ]
+    for name, kwargs in results.get("fused_configs", {}).items():
+        arguments = "".join(f", {key}={value!r}" for key, value in kwargs.items())
+        lines.append(f"- `{name}`: `FusedResNet34(twin{arguments})`" + ("" if kwargs else " (the defaults)"))
     for batch, entry in results["batches"].items():
         timing = entry["timing"]
         lines += [
             "",
             f"## Batch {batch}",
             "",
+            *(f"- FAILED, no row: {name}: `{message}`" for name, message in entry.get("failed", {}).items()),
+            *([""] if entry.get("failed") else []),
             "| variant | p50 ms | img/s | ratio to torchvision (per-round range) | GPU kernel ms | kernels "
             "| conv ms | conv TFLOP/s | rel err vs fp32 |",
             "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
@@ -274,6 +372,30 @@ def markdown(results: dict) -> str:
                     f"- {kernel['us_per_call']:.1f} us, x{kernel['per_call']:.0f}, {kernel['category']}: "
                     f"`{kernel['name'][:110]}`"
                 )
+    if "eager_error" in results:
+        lines += ["", f"Plain eager rows FAILED: `{results['eager_error']}`"]
+    if "eager" in results:
+        eager, timing = results["eager"], results["eager"]["timing"]
+        lines += [
+            "",
+            f"## Plain eager, batch {eager['batch']} (no CUDA graph, no compiling; channels_last; TF32 on for the "
+            "tf32 rows)",
+            "",
+            "| variant | p50 ms | img/s | ratio to torchvision-fp16 (per-round range) | rel err vs fp32 |",
+            "|---|--:|--:|--:|--:|",
+        ]
+        for name, ms in timing["median_ms"].items():
+            ratio = timing["ratios"].get(name)
+            ratio_text = (
+                "1 (baseline)"
+                if ratio is None
+                else f"{ratio['round_ratio_median']:.3f} ({ratio['round_ratio_range'][0]:.3f}-"
+                f"{ratio['round_ratio_range'][1]:.3f})"
+            )
+            lines.append(
+                f"| {name} | {ms:.3f} | {timing['img_per_s'][name]:,.0f} | {ratio_text} | "
+                f"{eager['max_rel_err_vs_fp32'][name]:.1e} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -292,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=10, help="alternating rounds (default: 10)")
     parser.add_argument("--per-round", type=int, default=20, help="timed calls per variant and round (default: 20)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed calls per variant first (default: 10)")
+    parser.add_argument(
+        "--eager-batch",
+        type=int,
+        default=0,
+        help="also time plain eager TF32/fp16 rows at this batch (default: 0, off)",
+    )
     return parser
 
 

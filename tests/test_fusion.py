@@ -12,6 +12,11 @@ column on that GPU. Measured here against Keras (seed-0 hostile weights, logits)
 so the bounds are the twins' own (conversion.arrays.TOLERANCE: 1e-5 and 1e-10). Folding in float32 instead
 of float64 would still pass float32; float64 at ~1e-15 shows nothing was rounded on the way (a head copied
 through float32 gave 2.6e-8 here and failed).
+
+The GPU rewrites of the padding (a zero-tap kernel instead of a pad copy, a 4th zero input channel in the
+stem's copy) are explicit arguments, so they run here on the CPU against Keras too, on even, odd and
+non-square sizes (where the padding is even on one axis and uneven on the other). The compiled glue
+(``compile_glue``) runs on CUDA only; it compiles the same functions that run here eagerly.
 """
 
 from __future__ import annotations
@@ -27,23 +32,32 @@ import pytest
 import torch
 
 import torch_impl
-from benchmarks.fusion import FusedResNet34, fold_batch_norm
+from benchmarks.fusion import FusedConv, FusedResNet34, fold_batch_norm
 from conversion.arrays import TOLERANCE, max_rel_err, nhwc_to_nchw, seeded_images
+from torch_impl.padding import Conv2dSame
 
 CASES = [(2, 224, 224), (1, 225, 225), (3, 97, 131)]
 CASE_IDS = ["batch2-224x224", "batch1-odd-225x225", "batch3-non-square-97x131"]
+# The defaults (on a CPU: copies, the projection's bias folded into the add), the first fused version, and what the
+# defaults do on CUDA (a 4-channel stem copy, zero-tap strided convs). The stem as an 8x8 zero-tap kernel (slower on
+# the GPU, not a default) is checked at the layer, in test_a_fused_strided_conv_pads_as_tf_on_every_size.
+CONFIGS = {
+    "default": {},
+    "first": {"stem": "copy", "strided": "copy", "compile_glue": False, "fold_skip_bias": False},
+    "cuda-rewrites": {"stem": "copy4", "strided": "zero-tap"},
+}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize(("batch", "height", "width"), CASES, ids=CASE_IDS)
 def test_fused_model_matches_keras(twins_f32, twins_f64, batch, height, width, dtype):
     keras_model, torch_model = {"float32": twins_f32, "float64": twins_f64}[dtype]
-    fused = FusedResNet34(torch_model)
     images = seeded_images(batch, height, width, seed=height * 1000 + width, dtype=dtype)
     expected = keras.ops.convert_to_numpy(keras_model(images, training=False))
-    actual = fused(torch.from_numpy(nhwc_to_nchw(images))).numpy()
-    assert actual.dtype == np.dtype(dtype) and actual.shape == expected.shape == (batch, 10)
-    assert max_rel_err(actual, expected) <= TOLERANCE[dtype]
+    for name, kwargs in CONFIGS.items():
+        actual = FusedResNet34(torch_model, **kwargs)(torch.from_numpy(nhwc_to_nchw(images))).numpy()
+        assert actual.dtype == np.dtype(dtype) and actual.shape == expected.shape == (batch, 10), name
+        assert max_rel_err(actual, expected) <= TOLERANCE[dtype], name
 
 
 def test_fused_model_keeps_the_original_unchanged(twins_f64):
@@ -74,17 +88,52 @@ def test_folded_batch_norm_equals_conv_then_batch_norm():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("kwargs", "fused_kwargs", "message"),
     [
-        ({"activation": "elu"}, "fuses ReLU only"),
-        ({"classifier_activation": "softmax"}, "returns logits"),
+        ({"activation": "elu"}, {}, "fuses ReLU only"),
+        ({"classifier_activation": "softmax"}, {}, "returns logits"),
+        ({"convention": "torchvision"}, {}, "convention is not supported"),
+        ({}, {"stem": "pad"}, "stem must be one of"),
+        ({}, {"strided": "copy4"}, "strided must be one of"),
     ],
-    ids=["elu", "softmax-head"],
+    ids=["elu", "softmax-head", "torchvision-convention", "unknown-stem", "unknown-strided"],
 )
-def test_fused_model_refuses_what_it_cannot_fuse(kwargs, message):
+def test_fused_model_refuses_what_it_cannot_fuse(kwargs, fused_kwargs, message):
     model = torch_impl.ResNet34(**{"classifier_activation": None, **kwargs})
     with pytest.raises(ValueError, match=message):
-        FusedResNet34(model)
+        FusedResNet34(model, **fused_kwargs)
+
+
+@pytest.mark.parametrize(("kernel_size", "in_channels"), [(3, 4), (7, 3)], ids=["3x3-stride2", "7x7-stride2-stem"])
+@pytest.mark.parametrize("mode", ["zero-tap", "copy", "copy-4-channels"])
+def test_a_fused_strided_conv_pads_as_tf_on_every_size(kernel_size, in_channels, mode):
+    """Even (TF pads one more after), odd (symmetric) and mixed sizes: each way gives conv + BN of the twin."""
+    torch.manual_seed(0)
+    conv = Conv2dSame(in_channels, 5, kernel_size, stride=2).double()
+    bn = torch.nn.BatchNorm2d(5, eps=1e-3).double().eval()
+    with torch.no_grad():
+        bn.running_mean.normal_(0.0, 1.0)
+        bn.running_var.uniform_(0.5, 2.0)
+    channels_to = in_channels + 1 if mode == "copy-4-channels" else None
+    fused = FusedConv(conv, bn, relu=False, uneven=mode.removesuffix("-4-channels"), channels_to=channels_to)
+    for height, width in [(12, 12), (13, 13), (12, 13), (13, 12), (9, 16)]:
+        x = torch.randn(2, in_channels, height, width, dtype=torch.float64)
+        with torch.no_grad():
+            expected = bn(conv(x))
+        actual = fused(x)
+        assert actual.shape == expected.shape == (2, 5, -(-height // 2), -(-width // 2))
+        assert max_rel_err(actual.numpy(), expected.numpy()) <= 1e-13, (height, width)
+
+
+def test_folded_skip_bias_leaves_the_projection_bias_free(twins_f64):
+    _, torch_model = twins_f64
+    first, folded = FusedResNet34(torch_model, fold_skip_bias=False), FusedResNet34(torch_model)
+    projections = [index for index, unit in enumerate(folded.units) if unit.skip is not None]
+    assert projections == [3, 7, 13]
+    for index in projections:
+        assert folded.units[index].skip.bias is None and first.units[index].skip.bias is not None
+        moved = first.units[index].skip.bias + first.units[index].conv2.bias
+        assert torch.allclose(folded.units[index].conv2.bias, moved, rtol=1e-14, atol=0)
 
 
 def test_a_fused_model_copies_like_any_module():
