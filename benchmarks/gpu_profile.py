@@ -9,7 +9,7 @@ the GPU time by kernel category (convolution, pointwise, pad, pool, ...) and the
 what explains a gap. The machine's two ceilings are measured first (an fp16 matrix product and a
 device-to-device copy), so each figure can be read against what the card actually delivers.
 
-The variants: the book twin (``twin``) eager, under inductor, and fused (``benchmarks.fusion``) in the
+The variants: the book twin (``twin``) eager, under inductor, and fused (``torch_impl.fuse``) in the
 versions of ``FUSED``; the twin in torchvision's convention (``twin-tvconv``: symmetric padding, no pad
 copies); torchvision's resnet34 eager and under inductor. With ``--eager-batch N`` the twin and torchvision
 also run plain eager (no CUDA graph) at batch N, TF32 and fp16, interleaved: what a user gets without work.
@@ -39,7 +39,7 @@ from benchmarks.common import (
 )
 from benchmarks.runtimes.pytorch import capture_cuda_graph
 
-# FusedResNet34's arguments per fused variant: v1 is the first version (pad copies, torch's max-pool, the
+# torch_impl.fuse's options per fused variant: v1 is the first version (pad copies, torch's max-pool, the
 # projection's bias added by its own kernel), v2 the defaults; the v2-* rows swap one v2 choice back.
 FUSED = {
     "twin-fused-v1": {"stem": "copy", "strided": "copy", "compile_glue": False, "fold_skip_bias": False},
@@ -128,7 +128,6 @@ def build_models(torch, weights: str | None) -> dict:
     import torchvision
 
     import torch_impl
-    from benchmarks.fusion import FusedResNet34
 
     torch.manual_seed(0)
     twin = torch_impl.ResNet34(num_classes=NUM_CLASSES, classifier_activation=None).eval()
@@ -141,7 +140,7 @@ def build_models(torch, weights: str | None) -> dict:
             if isinstance(module, torch.nn.BatchNorm2d) and not weights:
                 module.running_mean.normal_(0.0, 0.1)
                 module.running_var.uniform_(0.5, 1.5)
-    fused = {name: FusedResNet34(twin, **kwargs) for name, kwargs in FUSED.items()}
+    fused = {name: torch_impl.fuse(twin, **kwargs) for name, kwargs in FUSED.items()}
     return {"twin": twin, **fused, "twin-tvconv": tvconv, "torchvision": reference}
 
 
@@ -321,7 +320,7 @@ def markdown(results: dict) -> str:
     ]
     for name, kwargs in results.get("fused_configs", {}).items():
         arguments = "".join(f", {key}={value!r}" for key, value in kwargs.items())
-        lines.append(f"- `{name}`: `FusedResNet34(twin{arguments})`" + ("" if kwargs else " (the defaults)"))
+        lines.append(f"- `{name}`: `torch_impl.fuse(twin{arguments})`" + ("" if kwargs else " (the defaults)"))
     for batch, entry in results["batches"].items():
         timing = entry["timing"]
         lines += [

@@ -44,20 +44,19 @@ def _environment(threads: int) -> dict:
 def compare_torch(args: argparse.Namespace) -> dict:
     """The twin's eager batch-N latency vs torchvision's resnet34 (same classes, symmetric padding).
 
-    Also the twin's inference rewrite (``benchmarks.fusion``: BatchNorm folded; on a CPU its convolutions
+    Also the twin's inference rewrite (``torch_impl.fuse``: BatchNorm folded; on a CPU its convolutions
     run as ``F.conv2d`` + ReLU), to show what folding alone buys where the convolutions dominate.
     """
     import torch
     import torchvision
 
     import torch_impl
-    from benchmarks.fusion import FusedResNet34
 
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     torch.manual_seed(0)
     twin = torch_impl.ResNet34(num_classes=NUM_CLASSES, classifier_activation=None).eval()
-    fused = FusedResNet34(twin)
+    fused = torch_impl.fuse(twin)
     reference = torchvision.models.resnet34(num_classes=NUM_CLASSES).eval()
     results = {"comparison": "torch twin vs torchvision resnet34, eager, fp32, NCHW", **_environment(args.threads)}
     results["versions"] = {"torch": torch.__version__, "torchvision": torchvision.__version__}

@@ -9,7 +9,7 @@ the network costs at least the sum over its kernels. Three ways, by what they la
 - ``eager``: every layer its own kernel: conv, BatchNorm, ReLU, add, the TF pads and the max-pool.
 - ``folded``: BatchNorm folded into the conv (inductor freezing); one element-wise kernel after each conv
   applies ReLU or add + ReLU, and the pads ride in the kernel before them (the peer's best mode).
-- ``fused``: the element-wise work inside the conv's epilogue (``benchmarks/fusion.py`` on cuDNN); only
+- ``fused``: the element-wise work inside the conv's epilogue (``torch_impl.fuse`` on cuDNN); only
   the convs, the strided convs' pads, the max-pool and the head remain.
 
 The defaults are the ceilings measured on this workplace's H100 (the device library's KINDS.md,

@@ -1,4 +1,4 @@
-"""benchmarks/fusion.py: the fused inference rewrite computes the same function as the Keras model.
+"""torch_impl.fuse (torch_impl/fusion.py): the fused inference rewrite computes the same function as the Keras model.
 
 On a CPU the fused layers run as conv (folded BN) + add + ReLU, so these tests check the folding and the
 wiring; the one cuDNN call per layer that replaces them on a GPU is checked by the benchmark's max_rel_err
@@ -16,12 +16,15 @@ through float32 gave 2.6e-8 here and failed).
 The GPU rewrites of the padding (a zero-tap kernel instead of a pad copy, a 4th zero input channel in the
 stem's copy) are explicit arguments, so they run here on the CPU against Keras too, on even, odd and
 non-square sizes (where the padding is even on one axis and uneven on the other). The compiled glue
-(``compile_glue``) runs on CUDA only; it compiles the same functions that run here eagerly.
+(``compile_glue``) runs on CUDA only; it compiles the same functions that run here eagerly. The README's snippet
+runs here as written.
 """
 
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 
 import keras_impl  # noqa: F401  (first: TensorFlow then loads locally and quietly, see docs/pitfalls.md)
 
@@ -32,9 +35,12 @@ import pytest
 import torch
 
 import torch_impl
-from benchmarks.fusion import FusedConv, FusedResNet34, fold_batch_norm
 from conversion.arrays import TOLERANCE, max_rel_err, nhwc_to_nchw, seeded_images
+from torch_impl import FusedResNet34
+from torch_impl.fusion import FusedConv, fold_batch_norm
 from torch_impl.padding import Conv2dSame
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 CASES = [(2, 224, 224), (1, 225, 225), (3, 97, 131)]
 CASE_IDS = ["batch2-224x224", "batch1-odd-225x225", "batch3-non-square-97x131"]
@@ -55,7 +61,7 @@ def test_fused_model_matches_keras(twins_f32, twins_f64, batch, height, width, d
     images = seeded_images(batch, height, width, seed=height * 1000 + width, dtype=dtype)
     expected = keras.ops.convert_to_numpy(keras_model(images, training=False))
     for name, kwargs in CONFIGS.items():
-        actual = FusedResNet34(torch_model, **kwargs)(torch.from_numpy(nhwc_to_nchw(images))).numpy()
+        actual = torch_impl.fuse(torch_model, **kwargs)(torch.from_numpy(nhwc_to_nchw(images))).numpy()
         assert actual.dtype == np.dtype(dtype) and actual.shape == expected.shape == (batch, 10), name
         assert max_rel_err(actual, expected) <= TOLERANCE[dtype], name
 
@@ -95,13 +101,20 @@ def test_folded_batch_norm_equals_conv_then_batch_norm():
         ({"convention": "torchvision"}, {}, "convention is not supported"),
         ({}, {"stem": "pad"}, "stem must be one of"),
         ({}, {"strided": "copy4"}, "strided must be one of"),
+        ({"num_classes": 0}, {}, "has no head"),
     ],
-    ids=["elu", "softmax-head", "torchvision-convention", "unknown-stem", "unknown-strided"],
+    ids=["elu", "softmax-head", "torchvision-convention", "unknown-stem", "unknown-strided", "headless"],
 )
 def test_fused_model_refuses_what_it_cannot_fuse(kwargs, fused_kwargs, message):
     model = torch_impl.ResNet34(**{"classifier_activation": None, **kwargs})
-    with pytest.raises(ValueError, match=message):
-        FusedResNet34(model, **fused_kwargs)
+    with pytest.raises(ValueError, match=message) as caught:
+        torch_impl.fuse(model, **fused_kwargs)
+    assert "\n" not in str(caught.value)
+
+
+def test_fuse_refuses_a_model_that_is_not_the_twin():
+    with pytest.raises(TypeError, match=r"torch_impl\.ResNet34.*Received: Sequential"):
+        torch_impl.fuse(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)))
 
 
 @pytest.mark.parametrize(("kernel_size", "in_channels"), [(3, 4), (7, 3)], ids=["3x3-stride2", "7x7-stride2-stem"])
@@ -142,3 +155,26 @@ def test_a_fused_model_copies_like_any_module():
     assert not any(buffer.requires_grad for buffer in fused.buffers())
     half = copy.deepcopy(fused).half()
     assert half.stem.weight.dtype == torch.float16 and fused.stem.weight.dtype == torch.float32
+
+
+def test_fuse_gives_an_eval_mode_fused_model_and_leaves_the_twin_in_its_mode():
+    model = torch_impl.ResNet34(num_classes=10, classifier_activation=None)  # train mode: BN folds its running stats
+    fused = torch_impl.fuse(model)
+    assert isinstance(fused, FusedResNet34) and not fused.training and model.training
+    x = torch.randn(1, 3, 40, 36)
+    with torch.no_grad():
+        expected = model.eval()(x)
+    assert max_rel_err(fused(x).numpy(), expected.numpy()) <= TOLERANCE["float32"]
+
+
+def test_readme_snippet_runs_as_written():
+    """The README's fast-inference snippet, on this machine (a CPU: plain convolutions), gives the twin's logits."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    (snippet,) = [block for block in blocks if "torch_impl.fuse(" in block]
+    namespace: dict = {}
+    exec(snippet, namespace)  # the README's own code, nothing else
+    assert tuple(namespace["logits"].shape) == (2, 10)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = namespace["model"](x)
+    assert max_rel_err(namespace["fused"](x).numpy(), expected.numpy()) <= TOLERANCE["float32"]

@@ -1,6 +1,6 @@
 """The torch twin: eager NCHW, channels_last, ``torch.compile``; on a GPU also TF32, fp16/bf16, CUDA graphs,
-``mode="max-autotune"``, inference freezing, and the fused inference rewrite (``benchmarks/fusion.py``:
-BatchNorm folded, conv + bias + residual + ReLU as one cuDNN call).
+``mode="max-autotune"``, inference freezing, and the fused inference rewrite (``torch_impl.fuse``: BatchNorm
+folded, conv + bias + residual + ReLU as one cuDNN call).
 
 float32 rows on a GPU run with TF32 off (cuDNN allows it by default); TF32 is its own mode.
 """
@@ -27,7 +27,7 @@ class Mode:
     compile: str | None = None  # torch.compile mode ("default", "max-autotune"), None for eager
     freeze: bool = False  # torch._inductor.config.freezing: weights become constants, BN folded
     cuda_graph: bool = False  # manual torch.cuda.CUDAGraph capture of the eager model
-    fused: bool = False  # benchmarks.fusion.FusedResNet34: folded BN, cuDNN conv+bias(+add)+ReLU kernels
+    fused: bool = False  # torch_impl.fuse: folded BN, cuDNN conv+bias(+add)+ReLU kernels
     gpu_only: bool = False
 
 
@@ -105,9 +105,7 @@ class TorchRunner(BaseRunner):
         model = torch_impl.ResNet34(num_classes=NUM_CLASSES, classifier_activation=None)
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         if mode.fused:
-            from benchmarks.fusion import FusedResNet34
-
-            model = FusedResNet34(model.eval())
+            model = torch_impl.fuse(model)
         self.model = model.eval().to(self.device, torch_dtype).to(memory_format=self.memory_format)
         self.forward = self.model
         if mode.compile:

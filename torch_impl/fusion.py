@@ -1,5 +1,9 @@
 """An inference-only rewrite of the torch twin for the GPU: fewer, fused kernels, the same function.
 
+``fuse(model)`` is the entry point. This module alone has no Keras twin: it is a rewrite for cuDNN's fused
+convolution calls, which Keras has no counterpart of; what it computes is ``ResNet34``'s function, tested against
+Keras on a CPU (``tests/test_fusion.py``).
+
 Every BatchNorm is folded into the convolution before it (in float64, then cast), and on CUDA each
 ``conv + bias [+ residual] + ReLU`` is ONE cuDNN call (``torch.cudnn_convolution_relu`` /
 ``torch.cudnn_convolution_add_relu``, cuDNN's runtime-fusion engines) instead of a convolution followed
@@ -39,8 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_impl import ResidualUnit, ResNet34
 from torch_impl.padding import Conv2dSame, max_pool_same, same_padding
+from torch_impl.residual_unit import ResidualUnit
+from torch_impl.resnet34 import ResNet34
 
 STEMS = ("auto", "copy", "copy4", "zero-tap")
 STRIDED = ("auto", "copy", "zero-tap")
@@ -190,7 +195,7 @@ class FusedResNet34(nn.Module):
 
     Only the book's ReLU network in the book's convention is supported (cuDNN fuses ReLU, not the other
     activations; the padding rewrites are TF "same"'s), and the classifier must produce logits
-    (``classifier_activation=None``), which is what the benchmark times.
+    (``classifier_activation=None``; a headless trunk, ``num_classes=0``, is refused too).
 
     Args:
         stem: "copy" (pad the input in a copy), "copy4" (the same copy with a 4th zero channel), "zero-tap"
@@ -211,6 +216,13 @@ class FusedResNet34(nn.Module):
         fold_skip_bias: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(model, ResNet34):
+            raise TypeError(
+                "FusedResNet34 rewrites a torch_impl.ResNet34 (conversion.keras_to_torch gives one for a Keras model). "
+                f"Received: {type(model).__name__}"
+            )
+        if not model.num_classes:
+            raise ValueError("FusedResNet34 returns logits; this ResNet34 has no head. Received: num_classes=0")
         if model.activation_name != "relu":
             raise ValueError(f"FusedResNet34 fuses ReLU only. Received: activation={model.activation_name!r}")
         if model.convention != "book":
@@ -251,3 +263,27 @@ class FusedResNet34(nn.Module):
         x = self.stem(x)
         x = self.units(glue(stem_max_pool, x, self.compile_glue)(x))
         return self.classifier(self.avg_pool(x))
+
+
+def fuse(model: ResNet34, **options: str | bool) -> FusedResNet34:
+    """The fastest correct way to run a trained or converted twin for inference: a ``FusedResNet34``, in eval mode.
+
+    Inference only: every BatchNorm is folded with its running statistics (the model's train/eval mode does not
+    matter, and no gradient flows), into copies; ``model`` itself is left unchanged. The result takes NCHW images
+    in the model's dtype and returns logits. On CUDA each conv + bias (+ residual) + ReLU is one cuDNN call and the
+    padding around it is rewritten exactly; elsewhere the same folded layers run as ``F.conv2d`` + add + ReLU. For
+    the GPU's speed, move the fused model and its images alike: ``.cuda().half().to(memory_format=torch.channels_last)``
+    (the H200's figures: benchmarks/README.md).
+    ``torch.compile`` is touched only when a fused model runs on CUDA (the pad copies and the stem's max-pool).
+
+    Refused (``ValueError``, one line): an activation other than ReLU (cuDNN fuses ReLU only), the torchvision
+    convention (the rewrites are exact for the book's TF "same" padding only), a head activation (build the model
+    with ``classifier_activation=None``: the result returns logits), a headless model (``num_classes=0``) and an
+    unknown ``stem`` or ``strided``; a model that is not a ``torch_impl.ResNet34`` is a ``TypeError``.
+
+    Args:
+        model: the book's ``torch_impl.ResNet34`` (``conversion.keras_to_torch`` makes one of a Keras model).
+        **options: ``FusedResNet34``'s keyword arguments, ``stem``, ``strided``, ``compile_glue`` and
+            ``fold_skip_bias``; the defaults are the fastest on an H200 and need not be changed.
+    """
+    return FusedResNet34(model, **options).eval()
