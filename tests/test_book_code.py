@@ -20,7 +20,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from book.chapter14 import build_book_model
+from book import build_book_model
 from logits import book_logits, twin_logits
 
 import conversion

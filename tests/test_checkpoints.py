@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import pytest
 import torch
-from book.chapter14 import build_book_model
+from book import build_book_model
 from conftest import import_peer
 from logits import book_logits, twin_logits
 from torch_peers import hostile_, own_logits
