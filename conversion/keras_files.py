@@ -150,8 +150,13 @@ def _load_weights_file(path: Path, classifier_activation: str | None, notes: lis
             file_arrays = _group_arrays(handle, _MODEL_STATE)
             _set_aside(handle, path, notes)
         convention = "torchvision" if stem_name == "symmetric_padding_conv2d" else "book"
-        model = keras_impl.build_resnet34(
-            num_classes, (None, None, in_channels), classifier_activation, dtype, convention=convention
+        model = keras_impl.build_resnet34(  # not initialised: every weight must come from the file (checked below)
+            num_classes,
+            (None, None, in_channels),
+            classifier_activation,
+            dtype,
+            convention=convention,
+            initialize_weights=False,
         )
         with warnings.catch_warnings():  # Keras warns that the optimizer's arrays find no optimizer
             warnings.simplefilter("ignore")
@@ -194,8 +199,13 @@ def _load_keras2_weights(
             f"{path}: a Keras 2 weights file whose first and last layers are not a conv and a Dense; expected "
             "ResNet-34's"
         )
-    model = keras_impl.build_resnet34(
-        head.shape[1], (None, None, stem.shape[2]), classifier_activation, str(head.dtype), convention="book"
+    model = keras_impl.build_resnet34(  # not initialised: every weight is assigned from the file below
+        head.shape[1],
+        (None, None, stem.shape[2]),
+        classifier_activation,
+        str(head.dtype),
+        convention="book",
+        initialize_weights=False,
     )
     resnet = read_keras(model)
     targets = [resnet.layers[slot.name] for slot in resnet.slots if slot.kind in ("conv", "batch_norm", "dense")]

@@ -284,6 +284,7 @@ def torch_to_keras(
             dtype,
             activation=obj.activation_name,
             convention=target,
+            initialize_weights=False,  # every weight is copied next
         )
     copy_torch_to_keras(obj, twin, same_convention=target == obj.convention)
     return twin

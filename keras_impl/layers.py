@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 import keras
 
 from keras_impl.padding import check_convention
@@ -14,3 +17,28 @@ BATCH_NORM = {"book": {"epsilon": 1e-3, "momentum": 0.99}, "torchvision": {"epsi
 def batch_norm(*, convention: str = "book", **kwargs) -> keras.layers.BatchNormalization:
     """``BatchNormalization`` with the epsilon and momentum of ``convention``."""
     return keras.layers.BatchNormalization(**BATCH_NORM[check_convention(convention)], **kwargs)
+
+
+@contextlib.contextmanager
+def kernels_left_at_zero() -> Iterator[Callable[[keras.layers.Layer], keras.layers.Layer]]:
+    """Inside, ``zero(layer)`` makes an unbuilt layer and its sublayers create their kernels as zeros when they are
+    built, not drawn from their random initialisers; on exit every initialiser is put back, so configs and saved
+    files are what a normal build gives. For a model whose every weight is assigned next (a converted or cloned
+    one): the draws are about half of a ResNet-34 build (float64: ~0.55 s -> ~0.27 s here)."""
+    swapped: list[tuple[keras.layers.Layer, keras.initializers.Initializer]] = []
+
+    def zero(layer: keras.layers.Layer) -> keras.layers.Layer:
+        if not isinstance(layer, keras.layers.Layer):  # keras.Input's tensor
+            return layer
+        for sublayer in layer._flatten_layers(include_self=True, recursive=True):
+            initializer = getattr(sublayer, "kernel_initializer", None)
+            if isinstance(initializer, keras.initializers.Initializer):  # ResidualUnit's own is a name: left alone
+                swapped.append((sublayer, initializer))
+                sublayer.kernel_initializer = keras.initializers.Zeros()
+        return layer
+
+    try:
+        yield zero
+    finally:
+        for sublayer, initializer in swapped:
+            sublayer.kernel_initializer = initializer

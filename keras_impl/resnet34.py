@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import keras
 
-from keras_impl.layers import batch_norm
+from keras_impl.layers import batch_norm, kernels_left_at_zero
 from keras_impl.padding import check_convention, conv2d, max_pool2d
 from keras_impl.residual_unit import ResidualUnit
 
@@ -25,6 +25,7 @@ def build_resnet34(
     activation: str = "relu",
     convention: str = "book",
     kernel_initializer: str = "glorot_uniform",
+    initialize_weights: bool = True,
 ) -> keras.Model:
     """The book's ResNet-34: 21,306,826 parameters for 10 classes at 224x224x3.
 
@@ -39,6 +40,8 @@ def build_resnet34(
             computes) or "torchvision" (symmetric padding, epsilon 1e-5, momentum 0.9: what torchvision and timm
             compute, so their checkpoints keep their logits).
         kernel_initializer: "glorot_uniform" (Keras's default, as in the book's code) or "he_normal".
+        initialize_weights: False leaves the kernels at zero instead of drawing them (the config still names
+            ``kernel_initializer``): for a model whose every weight is assigned next, as the converter does.
     """
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
         raise ValueError(
@@ -75,11 +78,14 @@ def build_resnet34(
             )
         )
         prev_filters = filters
-    if not num_classes:
-        return keras.Sequential(layers, name="resnet34_trunk")
-    layers += [
-        keras.layers.GlobalAvgPool2D(name="avg_pool", dtype=policy),
-        keras.layers.Flatten(name="flatten", dtype=policy),
-        keras.layers.Dense(num_classes, activation=classifier_activation, name="classifier", dtype=policy),
-    ]
-    return keras.Sequential(layers, name="resnet34")
+    if num_classes:
+        layers += [
+            keras.layers.GlobalAvgPool2D(name="avg_pool", dtype=policy),
+            keras.layers.Flatten(name="flatten", dtype=policy),
+            keras.layers.Dense(num_classes, activation=classifier_activation, name="classifier", dtype=policy),
+        ]
+    name = "resnet34" if num_classes else "resnet34_trunk"
+    if initialize_weights:
+        return keras.Sequential(layers, name=name)
+    with kernels_left_at_zero() as zero:  # the Sequential builds its layers as it is made
+        return keras.Sequential([zero(layer) for layer in layers], name=name)

@@ -41,8 +41,10 @@ def make_twins(
     import conversion
     from conversion.hostile import randomize_weights
 
-    model = keras_impl.build_resnet34(num_classes, (None, None, 3), classifier_activation, dtype, activation=activation)
-    randomize_weights(model, seed)
+    model = keras_impl.build_resnet34(
+        num_classes, (None, None, 3), classifier_activation, dtype, activation=activation, initialize_weights=False
+    )
+    randomize_weights(model, seed)  # every weight
     return model, conversion.keras_to_torch(model)
 
 

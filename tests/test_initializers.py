@@ -131,3 +131,22 @@ def test_seed_reproduces_and_float64_stays_float64():
 def test_unknown_initializer_names_the_supported_ones():
     with pytest.raises(ValueError, match=r"glorot_uniform.*he_normal"):
         initialize_like_keras(torch_impl.ResidualUnit(4, 4), "orthogonal")
+
+
+@pytest.mark.parametrize("initializer", list(KERAS_INITIALIZERS))
+def test_a_build_left_uninitialised_has_the_normal_config_and_zero_kernels(initializer):
+    """``initialize_weights=False`` (the converter's, the loaders' and the floor clones' builds: every weight is
+    assigned next) skips the random draws, about half of a build; what is saved must not show it."""
+    import conversion
+
+    normal = keras_impl.build_resnet34(10, (None, None, 3), None, "float32", kernel_initializer=initializer)
+    quick = keras_impl.build_resnet34(
+        10, (None, None, 3), None, "float32", kernel_initializer=initializer, initialize_weights=False
+    )
+    assert quick.get_config() == normal.get_config()
+    kernels = [v for v in quick.weights if v.path.endswith("/kernel")]
+    assert len(kernels) == 37 and not any(np.any(keras.ops.convert_to_numpy(k)) for k in kernels)
+    if initializer == "glorot_uniform":  # the converter's Keras model, as a user saves it
+        twin = torch_impl.ResNet34(num_classes=10, classifier_activation=None)
+        converted = conversion.torch_to_keras(twin, (None, None, 3))
+        assert converted.get_config() == normal.get_config()

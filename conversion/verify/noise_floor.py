@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from keras_impl.layers import kernels_left_at_zero
+
 # Errors up to this multiple of their floor are rounding, per compared dtype (each has its own way of measuring
 # the floor). Every planted porting bug sits far beyond both (docs/what-it-catches.md gives each one's ratio).
 # - float32: the floor is exact, and the triangle inequality bounds a correct pair's ratio by 1 plus the distance
@@ -144,13 +146,15 @@ def _rebuilt(model: keras.Model, dtype: str, architecture: str) -> keras.Model:
     keras.config.set_floatx(dtype)
     keras.config.set_dtype_policy(dtype)
 
-    def rebuilt(layer: keras.layers.Layer) -> keras.layers.Layer:
-        return layer.__class__.from_config({**layer.get_config(), "dtype": dtype})
-
     try:
-        clone = keras.models.clone_model(
-            model, input_tensors=keras.Input(shape=model.input_shape[1:], dtype=dtype), clone_function=rebuilt
-        )
+        with kernels_left_at_zero() as zero:  # keras_clone assigns every weight next
+
+            def rebuilt(layer: keras.layers.Layer) -> keras.layers.Layer:
+                return zero(layer.__class__.from_config({**layer.get_config(), "dtype": dtype}))
+
+            clone = keras.models.clone_model(
+                model, input_tensors=keras.Input(shape=model.input_shape[1:], dtype=dtype), clone_function=rebuilt
+            )
     finally:
         keras.config.set_floatx(previous[0])
         keras.config.set_dtype_policy(previous[1])

@@ -79,8 +79,10 @@ def _with_head(model: keras.Model | nn.Module, path: str) -> None:
 
 
 def _twins(sources: Sources, head: str | None) -> ModelPair:
-    keras_model = keras_impl.build_resnet34(10, (None, None, 3), head, sources.dtype or "float32")
-    randomize_weights(keras_model, sources.seed)
+    keras_model = keras_impl.build_resnet34(
+        10, (None, None, 3), head, sources.dtype or "float32", initialize_weights=False
+    )
+    randomize_weights(keras_model, sources.seed)  # every weight
     return ModelPair(keras_model, keras_to_torch(keras_model), None, None)
 
 
