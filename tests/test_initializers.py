@@ -8,7 +8,7 @@ that a correct initialiser fails ANY of the ~76 layer tests below ~1% for an uns
 
 from __future__ import annotations
 
-import keras_impl  # noqa: F401  (first: TensorFlow then loads locally and quietly, see docs/pitfalls.md)
+import keras_impl  # first: TensorFlow then loads locally and quietly (docs/pitfalls.md)
 
 # isort: split
 import math
