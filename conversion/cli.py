@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from conversion.deploy.commands import add_export_arguments, add_verify_arguments  # light: numpy, no framework
 from conversion.errors import UserInputError
-from conversion.file_io import HEAD_AUTO, check_source  # light: the standard library only
+from conversion.file_io import HEAD_AUTO, check_destination, check_source, file_kind  # light: the standard library only
 from conversion.verify.defaults import (  # nothing heavy: `--help` answers without TensorFlow or torch
     DEFAULT_BATCH,
     DEFAULT_LEARNING_RATE,
@@ -261,15 +261,24 @@ def _verify_train(args: argparse.Namespace, console: object) -> int:
 
 
 def _convert(args: argparse.Namespace, status: object) -> int:
-    from conversion.files import convert_file
-
+    check_destination(args.dst, args.keras_hub)
     notes: list[str] = []
     with status(f"converting {args.src} -> {args.dst}...", spinner="dots"):
-        written, change = convert_file(
+        if file_kind(args.src) == "keras":
+            from conversion.files import load_keras
+
+            model = load_keras(args.src, args.classifier_activation, notes)
+        else:  # torch alone reads it: a refused file (a pickle, say) answers before TensorFlow loads
+            from conversion.torch_files import load_torch
+
+            model = load_torch(args.src, args.classifier_activation, notes)
+        from conversion.files import convert_loaded
+
+        written, change = convert_loaded(
+            model,
             args.src,
             args.dst,
             input_size=tuple(args.input_size) if args.input_size else None,
-            classifier_activation=args.classifier_activation,
             convention=args.convention,
             keras_hub=args.keras_hub,
             notes=notes,

@@ -87,6 +87,16 @@ def check_source(path: str | os.PathLike, kind: str | None = None) -> None:
         require_file(path, TORCH_SUFFIXES)
 
 
+def check_destination(dst: str | os.PathLike, keras_hub: bool = False) -> None:
+    """Refuse a conversion's destination that cannot be written: an unknown extension, a missing folder, or a
+    keras-hub model to anything but .keras."""
+    file_kind(dst)
+    if not Path(dst).parent.is_dir():
+        raise WeightFileError(f"{dst}: the folder {Path(dst).parent} does not exist")
+    if keras_hub and Path(dst).suffix != ".keras":
+        raise WeightFileError(f"{dst}: keras-hub's models are written as .keras files; expected a .keras destination")
+
+
 def first_line(error: BaseException) -> str:
     """An exception's first line, for a one-line error."""
     text = str(error).strip()

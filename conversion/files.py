@@ -12,13 +12,13 @@ from pathlib import Path
 import keras
 
 import torch_impl
-from conversion.errors import WeightFileError
 from conversion.file_io import (
     HEAD_AUTO,
     HF_WEIGHTS,
     KERAS_SUFFIXES,
     TORCH_SUFFIXES,
     atomic_output,
+    check_destination,
     file_kind,
     is_huggingface_folder,
 )
@@ -37,6 +37,7 @@ __all__ = [
     "TORCH_SUFFIXES",
     "atomic_output",
     "convert_file",
+    "convert_loaded",
     "file_kind",
     "is_huggingface_folder",
     "load_keras",
@@ -80,12 +81,26 @@ def convert_file(
     ``input_size`` (H, W) fixes a Keras destination's input size (default: the source's, or any size).
     ``notes`` receives a line for each thing read or written that is more than a plain copy.
     """
-    dst_kind = file_kind(dst)
-    if not Path(dst).parent.is_dir():  # fail before the (slow) load, not after
-        raise WeightFileError(f"{dst}: the folder {Path(dst).parent} does not exist")
-    if keras_hub and Path(dst).suffix != ".keras":
-        raise WeightFileError(f"{dst}: keras-hub's models are written as .keras files; expected a .keras destination")
+    check_destination(dst, keras_hub)  # before the (slow) load, not after
     model = load_model(src, classifier_activation, notes)
+    return convert_loaded(
+        model, src, dst, input_size=input_size, convention=convention, keras_hub=keras_hub, notes=notes
+    )
+
+
+def convert_loaded(
+    model: keras.Model | torch_impl.ResNet34,
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    input_size: tuple[int, int] | None = None,
+    convention: str | None = None,
+    keras_hub: bool = False,
+    notes: list[str] | None = None,
+) -> tuple[Path, dict | None]:
+    """``convert_file`` for a source already read by ``load_model(src)`` (or ``load_keras`` / ``load_torch``)."""
+    check_destination(dst, keras_hub)
+    dst_kind = file_kind(dst)
     twin = keras_to_torch(model) if isinstance(model, keras.Model) else model  # bit-exact, source convention
     if isinstance(model, keras.Model) and not twin.num_classes and notes is not None:  # (torch files say it on read)
         notes.append(

@@ -58,7 +58,16 @@ for argv in (["--help"], ["verify", "--help"], ["convert", "--help"], ["export-o
 for argv in (["verify", "--train", "--steps", "0"], ["convert", "missing.pt", "out.keras"]):
     assert main(argv) == 2, argv
 heavy = sorted(m for m in ("tensorflow", "torch", "keras", "jax") if m in sys.modules)
-print("seconds", time.perf_counter() - start, "heavy", ",".join(heavy) or "none", file=sys.stderr)
+seconds = time.perf_counter() - start
+# A pickle given to convert is refused by torch alone, before TensorFlow loads.
+import os, pickle, tempfile
+evil = os.path.join(tempfile.mkdtemp(), "evil.pt")
+with open(evil, "wb") as handle:
+    pickle.dump({"stem_conv.weight": 1}, handle)
+assert main(["convert", evil, evil + ".keras"]) == 2
+loaded = sorted(m for m in ("tensorflow", "keras") if m in sys.modules)
+print("pickle-refused-with", ",".join(loaded) or "none", file=sys.stderr)
+print("seconds", seconds, "heavy", ",".join(heavy) or "none", file=sys.stderr)
 """
 TRITON = importlib.util.find_spec("triton") is not None
 
@@ -108,8 +117,9 @@ def test_after_a_global_tensorflow_triton_is_refused_in_one_line_instead_of_cras
 def test_help_and_bad_arguments_answer_in_under_a_second_without_tensorflow_or_torch(processes):
     code, _, stderr = _result(processes, "help")
     assert code == 0, stderr
-    _, seconds, _, heavy = stderr.split()[-4:]
+    _, refused_with, _, seconds, _, heavy = stderr.split()[-6:]
     assert heavy == "none", stderr
+    assert refused_with == "none", stderr  # convert of a pickled .pt: torch read it, TensorFlow never loaded
     assert float(seconds) < 1.0, stderr  # measured here: ~0.1 s for the four and the two refusals
 
 
