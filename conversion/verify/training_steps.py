@@ -35,6 +35,7 @@ from conversion.verify.noise_floor import (
     judge,
     keras_floor_twin,
     one_ulp_apart,
+    release_clone,
 )
 from conversion.verify.report import TENSOR_KINDS, DivergentTensor, Top1, TrainingReport, TrainingStep
 from conversion.verify.stages import model_dtype
@@ -423,6 +424,10 @@ def verify_training(
     if reference is None:
         top1 = _top1(keras_model, torch_model, keras_floor, floor_side.model, batches, floor_batches, device)
     torch_model.eval()
+    if floor_iter is not None:  # built here, used only here: the next run of this architecture takes it again
+        floor_iter.close()  # its recording wrappers come off
+        keras_floor.compile()  # an unbuilt optimizer: the floor optimizer's slots go now, not with the clone
+        release_clone(keras_floor)
     # The floor twins hold a model, its gradients and its optimizer's slots each (GBs in float64), in reference
     # cycles (Keras layers, torch optimizers): free them now, not whenever the collector next runs.
     del keras_floor, floor_iter, floor_side, prev, now, t, t_floor
