@@ -289,6 +289,29 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.asarray(np.sqrt(x.numpy()))) if x.device.type == "cpu" else torch.sqrt(x)
 
 
+def _sqrt_(x: torch.Tensor) -> torch.Tensor:
+    """``_sqrt`` in place."""
+    if x.device.type == "cpu":
+        np.sqrt(x.numpy(), out=x.numpy())
+        return x
+    return x.sqrt_()
+
+
+_SCRATCH: dict[tuple[int, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _scratch(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two buffers shaped like ``p``, shared by every update of that size: an update written as expressions makes
+    a fresh temporary per operation, and for 21M parameters those allocations are most of the step's time (SGD
+    with Nesterov momentum, float64: 0.17 s -> 0.04 s a step here). The same operations in the same order, so
+    the same bits."""
+    key = (p.numel(), p.dtype, p.device)
+    if key not in _SCRATCH:
+        _SCRATCH[key] = tuple(torch.empty(p.numel(), dtype=p.dtype, device=p.device) for _ in range(2))
+    a, b = _SCRATCH[key]
+    return a.view(p.shape), b.view(p.shape)
+
+
 def _next_u_product(u_product: float, beta_1: float, iterations: int, dtype: str) -> float:
     """Nadam's ``_u_product`` after one more apply: Keras's own expression, on keras.ops, in ``dtype``.
 
@@ -446,7 +469,8 @@ class KerasRuleOptimizer(torch.optim.Optimizer):
             if self.rule.weight_decay is not None:  # all variables decay before any update, as in Keras
                 for p, group in entries:
                     wd = self._const(_through_float32(self.rule.weight_decay), p)
-                    p.sub_(p * wd * scalars_for(p, group)["lr"])
+                    scratch, _ = _scratch(p)
+                    p.sub_(torch.mul(p, wd, out=scratch).mul_(scalars_for(p, group)["lr"]))  # p -= p * wd * lr
             update = {
                 "SGD": self._sgd,
                 "Adam": self._adam,
@@ -476,42 +500,58 @@ class KerasRuleOptimizer(torch.optim.Optimizer):
             self._constants[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
         return self._constants[key]
 
+    # The four optimizers verify's default runs and the tests train with write into ``_scratch`` buffers (the
+    # expression each replaces is in its comment); the others make temporaries.
+
     def _sgd(self, p: torch.Tensor, g: torch.Tensor, state: dict, scalars: dict[str, torch.Tensor]) -> None:
         lr = scalars["lr"]
+        a, b = _scratch(p)
         if self.rule.momentum == 0:
-            p.sub_(g * lr)
+            p.sub_(torch.mul(g, lr, out=a))  # p -= g * lr
             return
         m = state["momentum"]
         momentum = self._const(_through_float32(self.rule.momentum), p)
-        m.copy_(m * momentum - g * lr)
-        p.add_(m * momentum - g * lr if self.rule.nesterov else m)
+        torch.mul(g, lr, out=b)
+        torch.sub(torch.mul(m, momentum, out=a), b, out=m)  # m = m * momentum - g * lr
+        if self.rule.nesterov:
+            p.add_(torch.mul(m, momentum, out=a).sub_(b))  # p += m * momentum - g * lr
+        else:
+            p.add_(m)
 
     def _adam(self, p: torch.Tensor, g: torch.Tensor, state: dict, scalars: dict[str, torch.Tensor]) -> None:
         rule = self.rule
         m, v = state["momentum"], state["velocity"]
-        m.add_((g - m) * self._const(1 - rule.beta_1, p))
-        v.add_((g * g - v) * self._const(1 - rule.beta_2, p))
+        a, b = _scratch(p)
+        m.add_(torch.sub(g, m, out=a).mul_(self._const(1 - rule.beta_1, p)))  # m += (g - m) * (1 - beta_1)
+        v.add_(torch.mul(g, g, out=a).sub_(v).mul_(self._const(1 - rule.beta_2, p)))  # v += (g*g - v) * (1 - beta_2)
         if rule.amsgrad:
             v_hat = state["velocity_hat"]
-            v_hat.copy_(torch.maximum(v_hat, v))
+            torch.maximum(v_hat, v, out=v_hat)
             v = v_hat
-        p.sub_((m * scalars["alpha"]) / (torch.sqrt(v) + self._const(rule.epsilon, p)))
+        # p -= (m * alpha) / (sqrt(v) + epsilon)
+        p.sub_(torch.mul(m, scalars["alpha"], out=a).div_(torch.sqrt(v, out=b).add_(self._const(rule.epsilon, p))))
 
     def _rmsprop(self, p: torch.Tensor, g: torch.Tensor, state: dict, scalars: dict[str, torch.Tensor]) -> None:
         rule = self.rule
         rho, one_minus_rho = self._const(rule.rho, p), self._const(1 - rule.rho, p)
         velocity = state["velocity"]
-        velocity.copy_(rho * velocity + one_minus_rho * (g * g))
+        a, b = _scratch(p)
+        # velocity = rho * velocity + (1 - rho) * (g * g)
+        torch.add(torch.mul(velocity, rho, out=a), torch.mul(g, g, out=b).mul_(one_minus_rho), out=velocity)
         if rule.centered:
             average = state["average_gradient"]
-            average.copy_(rho * average + one_minus_rho * g)
-            denominator = velocity - average * average + self._const(rule.epsilon, p)
+            # average = rho * average + (1 - rho) * g
+            torch.add(torch.mul(average, rho, out=a), torch.mul(g, one_minus_rho, out=b), out=average)
+            # denominator = velocity - average * average + epsilon
+            denominator = torch.sub(velocity, torch.mul(average, average, out=b), out=a)
         else:
-            denominator = velocity + self._const(rule.epsilon, p)
-        increment = (scalars["lr"] * g) / torch.sqrt(denominator)
+            denominator = a.copy_(velocity)  # then + epsilon
+        denominator.add_(self._const(rule.epsilon, p))
+        increment = torch.mul(g, scalars["lr"], out=b).div_(denominator.sqrt_())  # (lr * g) / sqrt(denominator)
         if rule.momentum > 0:
             momentum = state["momentum"]
-            momentum.copy_(self._const(rule.momentum, p) * momentum + increment)
+            # momentum = momentum_coefficient * momentum + increment
+            torch.add(torch.mul(momentum, self._const(rule.momentum, p), out=a), increment, out=momentum)
             p.sub_(momentum)
         else:
             p.sub_(increment)
@@ -519,13 +559,15 @@ class KerasRuleOptimizer(torch.optim.Optimizer):
     def _nadam(self, p: torch.Tensor, g: torch.Tensor, state: dict, scalars: dict[str, torch.Tensor]) -> None:
         """Keras's Nadam.update_step on one parameter."""
         m, v = state["momentum"], state["velocity"]
-        m.add_((g - m) * scalars["one_minus_beta_1"])
-        v.add_((g * g - v) * scalars["one_minus_beta_2"])
-        momentum_part = (scalars["u_t_1"] * m) / scalars["one_minus_u_product_t_1"]
-        gradient_part = (scalars["one_minus_u_t"] * g) / scalars["one_minus_u_product_t"]
-        m_hat = momentum_part + gradient_part
-        v_hat = v / scalars["one_minus_beta_2_power"]
-        p.sub_((m_hat * scalars["lr"]) / (_sqrt(v_hat) + self._const(self.rule.epsilon, p)))
+        a, b = _scratch(p)
+        m.add_(torch.sub(g, m, out=a).mul_(scalars["one_minus_beta_1"]))  # m += (g - m) * (1 - beta_1)
+        v.add_(torch.mul(g, g, out=a).sub_(v).mul_(scalars["one_minus_beta_2"]))  # v += (g*g - v) * (1 - beta_2)
+        # m_hat = (u_t_1 * m) / (1 - u_product_t_1) + ((1 - u_t) * g) / (1 - u_product_t)
+        m_hat = torch.mul(m, scalars["u_t_1"], out=a).div_(scalars["one_minus_u_product_t_1"])
+        m_hat.add_(torch.mul(g, scalars["one_minus_u_t"], out=b).div_(scalars["one_minus_u_product_t"]))
+        v_hat = torch.div(v, scalars["one_minus_beta_2_power"], out=b)
+        # p -= (m_hat * lr) / (sqrt(v_hat) + epsilon)
+        p.sub_(m_hat.mul_(scalars["lr"]).div_(_sqrt_(v_hat).add_(self._const(self.rule.epsilon, p))))
 
     def _adamax(self, p: torch.Tensor, g: torch.Tensor, state: dict, scalars: dict[str, torch.Tensor]) -> None:
         """Keras's Adamax.update_step on one parameter."""
