@@ -306,6 +306,14 @@ def eager_rows(torch, models: dict, args: argparse.Namespace) -> dict:
     return {"batch": batch, "timing": timing, "max_rel_err_vs_fp32": errors}
 
 
+def _ratio_text(ratio: dict | None) -> str:
+    """A row's median ratio to the baseline over the rounds, with their range."""
+    if ratio is None:
+        return "1 (baseline)"
+    low, high = ratio["round_ratio_range"]
+    return f"{ratio['round_ratio_median']:.3f} ({low:.3f}-{high:.3f})"
+
+
 def markdown(results: dict) -> str:
     """The results as Markdown tables."""
     ceil = results["ceilings"]
@@ -334,13 +342,7 @@ def markdown(results: dict) -> str:
             "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
         for name, ms in timing["median_ms"].items():
-            ratio = timing["ratios"].get(name)
-            ratio_text = (
-                "1 (baseline)"
-                if ratio is None
-                else f"{ratio['round_ratio_median']:.3f} ({ratio['round_ratio_range'][0]:.3f}-"
-                f"{ratio['round_ratio_range'][1]:.3f})"
-            )
+            ratio_text = _ratio_text(timing["ratios"].get(name))
             prof = entry["profile"][name]
             if "error" in prof:
                 prof = {"by_category": {}, "conv_tflops": None, "kernel_ms_per_call": float("nan")}
@@ -384,13 +386,7 @@ def markdown(results: dict) -> str:
             "|---|--:|--:|--:|--:|",
         ]
         for name, ms in timing["median_ms"].items():
-            ratio = timing["ratios"].get(name)
-            ratio_text = (
-                "1 (baseline)"
-                if ratio is None
-                else f"{ratio['round_ratio_median']:.3f} ({ratio['round_ratio_range'][0]:.3f}-"
-                f"{ratio['round_ratio_range'][1]:.3f})"
-            )
+            ratio_text = _ratio_text(timing["ratios"].get(name))
             lines.append(
                 f"| {name} | {ms:.3f} | {timing['img_per_s'][name]:,.0f} | {ratio_text} | "
                 f"{eager['max_rel_err_vs_fp32'][name]:.1e} |"
