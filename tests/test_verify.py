@@ -108,9 +108,13 @@ def test_training_mode_updates_moving_statistics_like_keras(twins_f32):
     ``nn.BatchNorm2d`` differs by Bessel's correction n / (n - 1), n = N * H * W, and is named."""
     keras_model, torch_model = twins_f32
     images = seeded_images(2, 64, 64, seed=3)
+    before = {name: tensor.clone() for name, tensor in torch_model.state_dict().items()}
     report = verify_models(keras_model, torch_model, images)
     assert report.training_check.ok, report.training_check
     assert report.training_check.max_rel <= 1e-5
+    # The training-mode forward ran on the twin itself: its statistics, counters and eval mode are put back.
+    assert all(torch.equal(before[name], tensor) for name, tensor in torch_model.state_dict().items())
+    assert not any(module.training for module in torch_model.modules())
 
     keras_bn = keras_model.get_layer("unit_15").main_layers[4]
     old_var = np.array(keras_bn.moving_variance)
@@ -131,7 +135,7 @@ def test_training_mode_updates_moving_statistics_like_keras(twins_f32):
         swapped = torch.nn.BatchNorm2d(old.num_features, eps=old.eps, momentum=old.momentum)
         swapped.load_state_dict(old.state_dict())
         bn_parent[index] = swapped.eval()
-    failing = verify_models(keras_model, plain, images)  # trains a copy; `plain` keeps its statistics
+    failing = verify_models(keras_model, plain, images)  # `plain` gets its statistics back afterwards
     assert not failing
     assert failing.training_check.first_divergent_layer == "unit_15.main_layers.4"
     assert failing.training_check.diagnosis.cause is Cause.BN_UNBIASED_VARIANCE

@@ -11,7 +11,6 @@ A training-mode forward then checks that BatchNorm moving statistics update alik
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from conversion.verify.stages import (
     keras_stages,
     model_dtype,
     restored_batchnorm_statistics,
+    restored_torch_state,
     torch_stages,
 )
 
@@ -111,13 +111,12 @@ def _statistics(pairs: list[tuple[str, object, nn.BatchNorm2d]], side: str) -> d
 
 
 def _train_forward(keras_model: keras.Model, torch_model: nn.Module, images: np.ndarray) -> tuple[dict, dict, dict]:
-    """One training-mode forward in each (Keras restored, torch on a copy): Keras's statistics, torch's, and the
-    number of values each torch BatchNorm averaged (n of Bessel's n / (n - 1))."""
+    """One training-mode forward in each (both restored after): Keras's statistics, torch's, and the number of
+    values each torch BatchNorm averaged (n of Bessel's n / (n - 1))."""
     with restored_batchnorm_statistics(keras_model):
         keras_model(images, training=True)
         keras_stats = _statistics(batchnorm_pairs(keras_model, torch_model), "keras")
-    twin = copy.deepcopy(torch_model).train()
-    pairs = batchnorm_pairs(keras_model, twin)
+    pairs = batchnorm_pairs(keras_model, torch_model)
     values_per_channel: dict[str, int] = {}
     hooks = [
         module.register_forward_pre_hook(
@@ -125,11 +124,15 @@ def _train_forward(keras_model: keras.Model, torch_model: nn.Module, images: np.
         )
         for path, _, module in pairs
     ]
-    with torch.no_grad():
-        twin(torch.from_numpy(nhwc_to_nchw(images)))
-    for hook in hooks:
-        hook.remove()
-    return keras_stats, _statistics(pairs, "torch"), values_per_channel
+    try:
+        with restored_torch_state(torch_model), torch.no_grad():
+            torch_model.train()
+            torch_model(torch.from_numpy(nhwc_to_nchw(images)))
+            torch_stats = _statistics(pairs, "torch")  # copies, read before the statistics are put back
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return keras_stats, torch_stats, values_per_channel
 
 
 def training_check(
@@ -147,8 +150,8 @@ def training_check(
     Both the means and the variances are compared, each against its noise floor (the floor twins' own
     training-mode forward on the floor images): the twin's BatchNorm stores the biased batch variance, as
     Keras does; torch's own ``nn.BatchNorm2d`` stores the unbiased one, which is named only where the ratio
-    n / (n - 1) shows beyond the floor. Neither model is changed: Keras's statistics are restored and torch
-    runs on a copy.
+    n / (n - 1) shows beyond the floor. Neither model is changed: both sides' statistics (and torch's modes) are
+    put back.
     """
     if keras_floor is None:
         keras_floor = keras_floor_twin(keras_model, seed)
