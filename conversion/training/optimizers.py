@@ -286,7 +286,7 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
     torch's CPU sqrt is not (torch 2.14.1 with MKL: 1 ulp off in ~1% of float64 and ~17% of float32 elements);
     on a GPU torch's sqrt is correctly rounded.
     """
-    return torch.from_numpy(np.asarray(np.sqrt(x.numpy()))) if x.device.type == "cpu" else torch.sqrt(x)
+    return _sqrt_(x.clone())
 
 
 def _sqrt_(x: torch.Tensor) -> torch.Tensor:
