@@ -19,6 +19,7 @@ os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
 import keras_impl  # first: TensorFlow then loads locally and quietly (docs/pitfalls.md)
 
 # isort: split
+import gc
 import importlib
 import types
 from collections.abc import Callable
@@ -117,6 +118,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Run the longest test files first (a stable sort: each file keeps its own order)."""
     rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Keep Python's cycle collector off the frameworks' own objects, and run it less often.
+
+    After collection each worker holds TensorFlow's, Keras's and torch's modules (millions of objects that live to
+    the end), and every full collection walked all of them: ~0.3 s each, ~11 s a worker in a run here. Frozen, they
+    are skipped. A first threshold of 10,000 (Python's is 700) makes the young collections, and so the full ones,
+    rarer; a full collection still frees the models' reference cycles, and the library collects where it drops GBs
+    (onnx_export, training_steps). Measured here, one in-place run each: 256.6 s -> 242.2 s, full-collection time
+    21.7 s -> 9.5 s over both workers, peak memory per worker unchanged (8.4 / 10.0 GB)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 # Set by .ci/run: there the peers must import, so a skip would hide a missing install step.
