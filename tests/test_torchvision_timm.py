@@ -74,6 +74,20 @@ def test_round_trip_is_bit_exact_and_loads_strictly_into_torchvision(peers, torc
             assert torch.equal(state[key], value), key
 
 
+def test_readme_python_api_snippet_runs_as_written(torchvision):
+    """The README's Python API snippet, as written: the round trips it shows are bit for bit."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    (snippet,) = [block for block in blocks if "conversion.keras_to_torch(model)" in block]
+    namespace: dict = {}
+    exec(snippet, namespace)  # the README's own code, nothing else; it ends in a strict load_state_dict
+    model, back = namespace["model"], namespace["back"]
+    for mine, returned in zip(model.weights, back.weights, strict=True):
+        assert np.array_equal(keras.ops.convert_to_numpy(mine), keras.ops.convert_to_numpy(returned)), mine.path
+    images = seeded_images(1, 33, 29, seed=9)
+    keras_logits = keras.ops.convert_to_numpy(model(images, training=False))
+    assert max_rel_err(own_logits(namespace["twin"], images), keras_logits) <= TOLERANCE["float32"]
+
+
 @pytest.fixture(scope="module")
 def torchvision_files(peers, tmp_path_factory) -> dict[str, Path]:
     """A torchvision checkpoint as users hold it (.pth, 1000 classes) and as timm's hub files (.safetensors)."""
