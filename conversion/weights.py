@@ -31,7 +31,7 @@ from torch import nn
 
 import keras_impl
 import torch_impl
-from conversion.arrays import single_dtype
+from conversion.arrays import hwio_to_oihw, oihw_to_hwio, single_dtype
 from conversion.errors import ConversionError
 from conversion.keras_reader import KerasLeaf, activation_name, describe_keras, keras_padding, read_keras
 from conversion.state_dicts import (
@@ -51,7 +51,7 @@ TorchObject = torch_impl.ResNet34 | torch_impl.ResidualUnit
 # Layout rules (Keras -> torch, torch -> Keras).
 _AS_IS = (lambda a: a, lambda a: a)
 
-_CONV = (lambda a: a.transpose(3, 2, 0, 1), lambda a: a.transpose(2, 3, 1, 0))
+_CONV = (hwio_to_oihw, oihw_to_hwio)  # transpose(3, 2, 0, 1) and (2, 3, 1, 0), copied tile by tile
 
 _DENSE = (lambda a: a.T, lambda a: a.T)
 

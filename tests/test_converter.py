@@ -22,7 +22,7 @@ from torch import nn
 
 import conversion
 import torch_impl
-from conversion.arrays import TOLERANCE, max_rel_err, nhwc_to_nchw, seeded_images
+from conversion.arrays import TOLERANCE, hwio_to_oihw, max_rel_err, nhwc_to_nchw, oihw_to_hwio, seeded_images
 from conversion.errors import ConversionError, UserInputError, WeightFileError
 from conversion.hostile import randomize_weights
 from conversion.state_dicts import twin_from_state_dict as state_dict_to_torch
@@ -408,3 +408,14 @@ def test_copy_into_existing_twins_reproduces_randomized_weights(unit_twins):
     conversion.copy_keras_to_torch(other, target)
     assert _torch_bits(target) == _torch_bits(conversion.keras_to_torch(other))
     assert _torch_bits(target) != _torch_bits(torch_unit)
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 512, 512), (7, 7, 3, 64), (1, 1, 256, 512), (3, 3, 65, 130), (2, 5, 7, 3)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_kernel_layout_changes_are_numpys_transposes_bit_for_bit(shape, dtype):
+    """The converter's tiled kernel copies (HWIO <-> OIHW) at tile edges and past them, odd and non-square."""
+    kernel = np.random.default_rng(3).standard_normal(shape).astype(dtype)
+    weight = hwio_to_oihw(kernel)
+    assert weight.flags.c_contiguous and np.array_equal(weight, kernel.transpose(3, 2, 0, 1))
+    back = oihw_to_hwio(weight)
+    assert back.flags.c_contiguous and back.tobytes() == kernel.tobytes()
