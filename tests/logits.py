@@ -22,3 +22,13 @@ def twin_logits(twin: torch.nn.Module, images: np.ndarray) -> np.ndarray:
     """The torch twin's logits (its head without the activation)."""
     with torch.no_grad():
         return twin.forward_head(twin.forward_features(torch.from_numpy(nhwc_to_nchw(images)))).numpy()
+
+
+# The losses' hostile case: CLASSES classes, BATCH samples.
+CLASSES, BATCH = 5, 6
+LABELS = np.array([0, 3, 1, 4, 2, 3])
+
+
+def hostile_logits(dtype: str) -> np.ndarray:
+    """Logits of scale 30: most probabilities underflow past 1e-7, so clipping decides the loss."""
+    return (np.random.default_rng(11).standard_normal((BATCH, CLASSES)) * 30).astype(dtype)

@@ -4,15 +4,31 @@ answers --help without TensorFlow or torch, and backend-agnostic Keras code."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
 
+import keras
 import pytest
+import torch
+from logits import LABELS, hostile_logits
 
-# Converts the seed-0 hostile twins under the chosen Keras backend and prints max rel. error of logits.
+from conversion.training import CASE_CLIPPED, CASE_DOUBLE_SOFTMAX, torch_loss
+
+# Under the chosen Keras backend: Keras's sparse crossentropy of the softmax of the hostile loss logits (argv: logits
+# and labels as JSON), with from_logits False and True, as one JSON line; then converts the seed-0 hostile twins
+# and prints the max rel. error of their logits.
 _PARITY_SCRIPT = """
+import json, sys
 import numpy as np, torch, keras, keras_impl, conversion
+logits, labels = np.array(json.loads(sys.argv[1])), np.array(json.loads(sys.argv[2]))
+losses = dict()
+for from_logits in (False, True):
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits, dtype="float64")
+    value = loss(labels, keras.activations.softmax(keras.ops.convert_to_tensor(logits)))
+    losses[str(from_logits)] = float(keras.ops.convert_to_numpy(value))
+print("losses", json.dumps(losses), flush=True)
 from conversion.arrays import max_rel_err, nhwc_to_nchw, seeded_images
 from conversion.hostile import randomize_weights
 model = keras_impl.build_resnet34(input_shape=(None, None, 3), classifier_activation=None, dtype="{dtype}")
@@ -76,9 +92,9 @@ TRITON = importlib.util.find_spec("triton") is not None
 def processes() -> dict[str, subprocess.Popen]:
     """Every fresh-process check of this file, started at once: they wait on imports, not on each other."""
 
-    def start(code: str, **env: str) -> subprocess.Popen:
+    def start(code: str, *args: str, **env: str) -> subprocess.Popen:
         return subprocess.Popen(
-            [sys.executable, "-c", code],
+            [sys.executable, "-c", code, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -87,15 +103,24 @@ def processes() -> dict[str, subprocess.Popen]:
 
     started = {"ours-first": start(OURS_FIRST), "tensorflow-first": start(TENSORFLOW_FIRST), "help": start(HELP)}
     for backend in BACKENDS:
-        started[backend] = start(_PARITY_SCRIPT.format(dtype="float64"), KERAS_BACKEND=backend, JAX_ENABLE_X64="1")
+        loss_inputs = json.dumps(hostile_logits("float64").tolist()), json.dumps(LABELS.tolist())
+        started[backend] = start(
+            _PARITY_SCRIPT.format(dtype="float64"), *loss_inputs, KERAS_BACKEND=backend, JAX_ENABLE_X64="1"
+        )
     yield started
     for process in started.values():
         process.kill()
 
 
+_RESULTS: dict[int, tuple[int, str, str]] = {}  # by process: two tests read the torch backend's
+
+
 def _result(processes: dict[str, subprocess.Popen], name: str) -> tuple[int, str, str]:
-    stdout, stderr = processes[name].communicate(timeout=600)
-    return processes[name].returncode, stdout, stderr
+    process = processes[name]
+    if id(process) not in _RESULTS:
+        stdout, stderr = process.communicate(timeout=600)
+        _RESULTS[id(process)] = process.returncode, stdout, stderr
+    return _RESULTS[id(process)]
 
 
 def test_our_packages_first_let_tensorflow_and_triton_share_the_process(processes):
@@ -138,3 +163,23 @@ def test_the_keras_model_matches_the_twin_on_every_installed_backend(processes, 
     assert code == 0, stderr[-2000:]
     name, error = stdout.split()[-2:]
     assert name == backend and float(error) <= 1e-5, stdout
+
+
+def test_on_the_torch_backend_keras_clips_probabilities(processes):
+    """Keras on its torch backend (the backend process above): no _keras_logits, so clipped probabilities, or a
+    double softmax with from_logits=True; conversion.training's loss for that backend reproduces both (measured:
+    equal; that backend's mean is float32, reproduced)."""
+    code, stdout, stderr = _result(processes, "torch")
+    assert code == 0, stderr[-2000:]
+    (line,) = [line for line in stdout.splitlines() if line.startswith("losses ")]
+    keras_values = {key == "True": value for key, value in json.loads(line.split(" ", 1)[1]).items()}
+    logits = hostile_logits("float64")
+    for from_logits, expected_case in ((False, CASE_CLIPPED), (True, CASE_DOUBLE_SOFTMAX)):
+        loss = torch_loss(
+            keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits, dtype="float64"),
+            output_activation="softmax",
+            backend="torch",
+        )
+        assert loss.case(torch.float64) == expected_case
+        value = float(loss(torch.softmax(torch.from_numpy(logits), -1), torch.from_numpy(LABELS)))
+        assert abs(value - keras_values[from_logits]) <= 1e-14 * abs(keras_values[from_logits])

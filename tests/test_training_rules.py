@@ -16,12 +16,7 @@ Tolerances: float64 1e-14 (the aim was 1e-12), float32 1e-6 (2x the worst seen, 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import ClassVar
 
 import keras
@@ -30,12 +25,11 @@ import pytest
 import tensorflow as tf
 import torch
 from keras.src.losses import LossFunctionWrapper  # what compile() wraps a loss function in
+from logits import CLASSES, LABELS, hostile_logits
 
 from conversion.arrays import max_rel_err
 from conversion.errors import ConversionError
 from conversion.training import (
-    CASE_CLIPPED,
-    CASE_DOUBLE_SOFTMAX,
     CASE_LOGITS,
     CASE_LOGITS_BEHIND_SOFTMAX,
     CASE_TF_CLIPPED,
@@ -56,43 +50,6 @@ STEPS = 10
 SHAPES = [(3, 3, 4, 5), (7,)]
 GRADIENT_SCALES = [1.0, 30.0, 0.01, 300.0]
 S = keras.optimizers.schedules
-
-
-KERAS_TORCH_BACKEND_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import numpy as np, keras
-    logits, labels = np.array(json.loads(sys.argv[1])), np.array(json.loads(sys.argv[2]))
-    out = {}
-    for from_logits in (False, True):
-        z = keras.ops.convert_to_tensor(logits)
-        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits, dtype="float64")
-        out[str(from_logits)] = float(keras.ops.convert_to_numpy(loss(labels, keras.activations.softmax(z))))
-    print(json.dumps(out))
-    """
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def keras_on_torch_backend() -> Iterator[subprocess.Popen]:
-    """Keras on its torch backend in a subprocess, started first so that its ~8 s import overlaps the tests."""
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            KERAS_TORCH_BACKEND_SCRIPT,
-            str(hostile_logits("float64").tolist()),
-            str(LABELS.tolist()),
-        ],
-        env={**os.environ, "KERAS_BACKEND": "torch"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    yield process
-    if process.poll() is None:
-        process.kill()
-        process.communicate()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -639,16 +596,6 @@ def test_a_torch_config_without_keras_equivalent_is_refused_by_parameter(
 # Losses
 # --------------------------------------------------------------------------------------------------
 
-CLASSES, BATCH = 5, 6
-
-
-def hostile_logits(dtype: str) -> np.ndarray:
-    """Logits of scale 30: most probabilities underflow past 1e-7, so clipping decides the loss."""
-    return (np.random.default_rng(11).standard_normal((BATCH, CLASSES)) * 30).astype(dtype)
-
-
-LABELS = np.array([0, 3, 1, 4, 2, 3])
-
 
 def keras_loss_and_grad(keras_loss: object, logits: np.ndarray, target: np.ndarray, softmax: bool) -> tuple:
     """Keras's loss and its gradient w.r.t. the logits, with the head's softmax made by Keras (TensorFlow)."""
@@ -809,21 +756,3 @@ def test_forward_with_logits_returns_the_input_of_the_head_softmax() -> None:
 def test_an_untranslated_loss_is_refused_by_name(keras_loss: object, activation: str, message: str) -> None:
     with pytest.raises(ConversionError, match=message):
         torch_loss(keras_loss, output_activation=activation)
-
-
-def test_on_the_torch_backend_keras_clips_probabilities(keras_on_torch_backend: subprocess.Popen) -> None:
-    """Keras on its torch backend (a subprocess): no _keras_logits, so clipped probabilities, or a double
-    softmax with from_logits=True. Measured: equal (that backend's mean is float32, reproduced)."""
-    logits = hostile_logits("float64")
-    stdout, stderr = keras_on_torch_backend.communicate(timeout=120)
-    assert keras_on_torch_backend.returncode == 0, stderr[-2000:]
-    keras_values = {k == "True": v for k, v in json.loads(stdout.splitlines()[-1]).items()}
-    for from_logits, expected_case in ((False, CASE_CLIPPED), (True, CASE_DOUBLE_SOFTMAX)):
-        loss = torch_loss(
-            keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits, dtype="float64"),
-            output_activation="softmax",
-            backend="torch",
-        )
-        assert loss.case(torch.float64) == expected_case
-        value = float(loss(torch.softmax(torch.from_numpy(logits), -1), torch.from_numpy(LABELS)))
-        assert abs(value - keras_values[from_logits]) <= 1e-14 * abs(keras_values[from_logits])
