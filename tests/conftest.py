@@ -99,25 +99,24 @@ def unit_twins() -> Callable[..., tuple[keras_impl.ResidualUnit, torch.nn.Module
 # (pyproject.toml turns off its own reordering by test count), and a long file handed out last would keep one worker
 # busy after the other has finished.
 LONGEST_FIRST = (  # seconds in one run here, in brackets
-    "test_train_verify.py",  # (85)
-    "test_checkpoints.py",  # (76)
-    "test_deploy_trained.py",  # (7) trains the digits model where it is not cached yet (+~40)
+    "test_train_verify.py",  # (79)
+    "test_checkpoints.py",  # (72)
+    "test_deploy_trained.py",  # (6) trains the digits model where it is not cached yet (+~40)
     "test_deploy.py",  # (43)
-    "test_onnx.py",  # (29)
-    "test_torchvision_timm.py",  # (31)
-    "test_verify.py",  # (26)
-    "test_book_code.py",  # (24)
-    "test_files.py",  # (17)
-    "test_mutations.py",  # (13)
-    # (38) Late on purpose: its fresh processes start at once, and where they overlapped test_deploy.py on the other
-    # worker, that file took 59-63 s instead of 43 (two runs).
-    "test_environment.py",
-    "test_bad_input.py",  # (10)
-    "test_initializers.py",  # (8)
+    "test_onnx.py",  # (30)
+    "test_torchvision_timm.py",  # (27)
+    "test_files.py",  # (25)
+    "test_verify.py",  # (24)
+    "test_machine_numerics.py",  # (23)
+    "test_book_code.py",  # (23)
+    "test_environment.py",  # (18)
+    "test_mutations.py",  # (14)
+    "test_initializers.py",  # (11)
+    "test_bad_input.py",  # (9)
     "test_converter.py",  # (8)
     "test_fusion.py",  # (8)
-    "test_benchmarks.py",  # (8)
-    "test_training_rules.py",  # (6)
+    "test_training_rules.py",  # (8)
+    "test_benchmarks.py",  # (7)
     "test_model_parity.py",  # (5)
 )
 
