@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conversion.arrays import max_rel_err, nchw_to_nhwc
+from conversion.arrays import hwio_to_oihw, max_rel_err, nchw_to_nhwc
 from conversion.verify.causes import Cause
 from conversion.verify.noise_floor import Evidence, explains, floor_images, judge, scale_of, scaled_distance
 from conversion.verify.report import Diagnosis
@@ -28,7 +28,7 @@ Hypotheses = dict[Cause, tuple[np.ndarray, str]]  # cause -> (the output it pred
 
 
 def _conv_hypotheses(layer: keras.layers.Conv2D, x: np.ndarray, first_layer: bool) -> Hypotheses:
-    kernel = torch.from_numpy(np.ascontiguousarray(keras.ops.convert_to_numpy(layer.kernel).transpose(3, 2, 0, 1)))
+    kernel = torch.from_numpy(hwio_to_oihw(keras.ops.convert_to_numpy(layer.kernel)))
     k, s = layer.kernel_size[0], layer.strides[0]
     xt = as_torch(x)
     out = {
