@@ -14,6 +14,7 @@ from conversion.cli import main
 from conversion.files import load_torch, save_keras, save_torch
 from conversion.structure import UNIT_COUNT
 from conversion.verify import Cause, restored_batchnorm_statistics, verify_models
+from conversion.verify.noise_floor import one_ulp_apart
 
 STAGES = ["stem", *(f"unit_{i}" for i in range(UNIT_COUNT)), "pooled", "logits"]
 
@@ -153,3 +154,22 @@ def test_files_round_trip_through_verify_loaders(twin_files, twins_f32):
     loaded = load_torch(twin_files[1], classifier_activation=None)
     for key, value in twins_f32[1].state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_one_ulp_apart_is_nextafter_bit_for_bit(dtype):
+    """The floor twins' weights and images: the bit arithmetic gives np.nextafter's values, at the edges too
+    (zeros, subnormals, the largest finite values, infinities, NaN), on any layout."""
+    info = np.finfo(dtype)
+    edges = [0.0, -0.0, info.smallest_subnormal, -info.smallest_subnormal, info.tiny, -info.tiny, info.max,
+             -info.max, np.inf, -np.inf, np.nan, 1.0, -1.0, 0.5, -2.0]  # fmt: skip
+    values = np.concatenate([np.repeat(np.array(edges, dtype), 16), seeded_images(1, 9, 7, dtype=dtype).ravel()])
+    ints = np.int32 if dtype == "float32" else np.int64
+    for array in (values, values.reshape(-1, 3)[:, ::2], values[:1].reshape(())):  # flat, strided, 0-d
+        for seed in range(3):
+            up = np.random.default_rng(seed).integers(0, 2, array.shape, dtype=np.uint8).view(bool)
+            with np.errstate(over="ignore"):
+                expected = np.nextafter(array, np.where(up, np.inf, -np.inf).astype(dtype))
+            moved = one_ulp_apart(array, np.random.default_rng(seed))
+            assert moved.dtype == array.dtype and moved.shape == array.shape
+            assert np.array_equal(moved.view(ints), expected.view(ints)), (array, moved, expected)

