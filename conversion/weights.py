@@ -48,12 +48,13 @@ KerasObject = keras.Model | keras.layers.Layer
 
 TorchObject = torch_impl.ResNet34 | torch_impl.ResidualUnit
 
-# Layout rules (Keras -> torch, torch -> Keras).
-_AS_IS = (lambda a: a, lambda a: a)
+# Layout rules (Keras -> torch, torch -> Keras, and a Keras shape in torch's layout, for the audit without a copy).
+_AS_IS = (lambda a: a, lambda a: a, lambda shape: shape)
 
-_CONV = (hwio_to_oihw, oihw_to_hwio)  # transpose(3, 2, 0, 1) and (2, 3, 1, 0), copied tile by tile
+# transpose(3, 2, 0, 1) and (2, 3, 1, 0), copied tile by tile
+_CONV = (hwio_to_oihw, oihw_to_hwio, lambda shape: (shape[3], shape[2], shape[0], shape[1]))
 
-_DENSE = (lambda a: a.T, lambda a: a.T)
+_DENSE = (lambda a: a.T, lambda a: a.T, lambda shape: shape[::-1])
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class TensorPair:
     torch_tensor: torch.Tensor
     to_torch: Callable[[np.ndarray], np.ndarray]
     to_keras: Callable[[np.ndarray], np.ndarray]
+    torch_shape: Callable[[tuple[int, ...]], tuple[int, ...]]  # what to_torch makes of a Keras shape
 
 
 def _check(condition: bool, path: str, what: str, keras_value: object, torch_value: object) -> None:
@@ -180,7 +182,7 @@ def _plan(keras_obj: KerasObject, torch_obj: TorchObject, same_convention: bool 
         )
     for p in pairs:
         keras_shape = tuple(p.keras_variable.shape)
-        as_torch = p.to_torch(np.empty(keras_shape, dtype=np.uint8)).shape
+        as_torch = tuple(p.torch_shape(keras_shape))
         _check(
             as_torch == tuple(p.torch_tensor.shape),
             p.path,

@@ -26,6 +26,7 @@ from conversion.arrays import TOLERANCE, hwio_to_oihw, max_rel_err, nhwc_to_nchw
 from conversion.errors import ConversionError, UserInputError, WeightFileError
 from conversion.hostile import randomize_weights
 from conversion.state_dicts import twin_from_state_dict as state_dict_to_torch
+from conversion.weights import paired_tensors
 from torch_impl.layers import batch_norm
 
 
@@ -419,3 +420,14 @@ def test_kernel_layout_changes_are_numpys_transposes_bit_for_bit(shape, dtype):
     assert weight.flags.c_contiguous and np.array_equal(weight, kernel.transpose(3, 2, 0, 1))
     back = oihw_to_hwio(weight)
     assert back.flags.c_contiguous and back.tobytes() == kernel.tobytes()
+
+
+def test_each_layout_rule_states_the_shape_its_change_makes(twins_f32):
+    """The audit checks shapes from each rule's torch_shape, without moving the data: it must be to_torch's."""
+    keras_model, torch_model = twins_f32
+    pairs = paired_tensors(keras_model, torch_model)
+    assert {len(p.keras_variable.shape) for p in pairs} == {1, 2, 4}  # BatchNorm and biases, the head, conv kernels
+    for p in pairs:
+        keras_shape = tuple(p.keras_variable.shape)
+        moved = p.to_torch(np.arange(np.prod(keras_shape)).reshape(keras_shape))
+        assert tuple(p.torch_shape(keras_shape)) == moved.shape == tuple(p.torch_tensor.shape), p.path

@@ -60,9 +60,9 @@ S = keras.optimizers.schedules
 class Side:
     """The same initial values as Keras variables (Keras layout) and torch parameters (torch layout)."""
 
-    LAYOUTS: ClassVar = [  # conv HWIO <-> OIHW, vector as is
-        (lambda a: a.transpose(3, 2, 0, 1), lambda a: a.transpose(2, 3, 1, 0)),
-        (lambda a: a, lambda a: a),
+    LAYOUTS: ClassVar = [  # conv HWIO <-> OIHW, vector as is (to torch, to Keras, a Keras shape in torch's layout)
+        (lambda a: a.transpose(3, 2, 0, 1), lambda a: a.transpose(2, 3, 1, 0), lambda s: (s[3], s[2], s[0], s[1])),
+        (lambda a: a, lambda a: a, lambda s: s),
     ]
 
     def __init__(self, dtype: str, seed: int = 0) -> None:
@@ -71,7 +71,7 @@ class Side:
         self.keras_vars = [keras.Variable(a, dtype=dtype, name=f"w{i}") for i, a in enumerate(initial)]
         self.params = [
             torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(to_torch(a))))
-            for a, (to_torch, _) in zip(initial, self.LAYOUTS, strict=True)
+            for a, (to_torch, *_) in zip(initial, self.LAYOUTS, strict=True)
         ]
         self.pairs = [
             TensorPair(f"w{i}", v, p, *layout)
@@ -86,14 +86,14 @@ class Side:
         optimizer.apply([tf.constant(g) for g in grads], self.keras_vars)
 
     def torch_step(self, optimizer: torch.optim.Optimizer, grads: list[np.ndarray]) -> None:
-        for p, g, (to_torch, _) in zip(self.params, grads, self.LAYOUTS, strict=True):
+        for p, g, (to_torch, *_) in zip(self.params, grads, self.LAYOUTS, strict=True):
             p.grad = torch.from_numpy(np.ascontiguousarray(to_torch(g)))
         optimizer.step()
 
     def weight_err(self) -> float:
         return max(
             max_rel_err(p.detach().numpy(), to_torch(keras.ops.convert_to_numpy(v)))
-            for v, p, (to_torch, _) in zip(self.keras_vars, self.params, self.LAYOUTS, strict=True)
+            for v, p, (to_torch, *_) in zip(self.keras_vars, self.params, self.LAYOUTS, strict=True)
         )
 
 
@@ -101,7 +101,7 @@ def slot_err(keras_opt: keras.optimizers.Optimizer, torch_opt: KerasRuleOptimize
     """Max rel err over every slot, read from Keras by name ("<variable path>_<slot>")."""
     slots = {v.name: keras.ops.convert_to_numpy(v) for v in keras_opt.variables}
     errors = [0.0]
-    for v, p, (to_torch, _) in zip(side.keras_vars, side.params, side.LAYOUTS, strict=True):
+    for v, p, (to_torch, *_) in zip(side.keras_vars, side.params, side.LAYOUTS, strict=True):
         for slot in torch_opt.rule.slots:
             reference = to_torch(slots[f"{v.path.replace('/', '_')}_{slot}"])
             errors.append(max_rel_err(torch_opt.state[p][slot].numpy(), reference))
@@ -360,7 +360,7 @@ def test_keras_state_moves_to_torch_mid_run(make: Callable[[], keras.optimizers.
     keras_opt.build(side.keras_vars)
     for step in range(4):
         side.keras_step(keras_opt, side.gradients(step))
-    for v, p, (to_torch, _) in zip(side.keras_vars, side.params, side.LAYOUTS, strict=True):
+    for v, p, (to_torch, *_) in zip(side.keras_vars, side.params, side.LAYOUTS, strict=True):
         p.data.copy_(torch.from_numpy(np.ascontiguousarray(to_torch(keras.ops.convert_to_numpy(v)))))
     torch_opt = KerasRuleOptimizer(side.params, keras_rule(make()))
     optimizer_state_to_torch(keras_opt, torch_opt, side.pairs)
@@ -387,7 +387,7 @@ def test_torch_state_moves_to_keras_mid_run(make: Callable[[], keras.optimizers.
     torch_opt = KerasRuleOptimizer(side.params, keras_rule(make()))
     for step in range(4):
         side.torch_step(torch_opt, side.gradients(step))
-    for v, p, (_, to_keras) in zip(side.keras_vars, side.params, side.LAYOUTS, strict=True):
+    for v, p, (_, to_keras, _) in zip(side.keras_vars, side.params, side.LAYOUTS, strict=True):
         v.assign(to_keras(p.detach().numpy()))
     keras_opt = make()
     keras_opt.build(side.keras_vars)

@@ -94,7 +94,7 @@ def _pairs(keras_model: keras.Model, torch_model: nn.Module) -> list[TensorPair]
         for p in paired_tensors(keras_model, keras_to_torch(keras_model)):
             if p.path not in tensors:
                 raise ConversionError(f"the torch model has no tensor {p.path}; expected the twin's names") from None
-            pairs.append(TensorPair(p.path, p.keras_variable, tensors[p.path], p.to_torch, p.to_keras))
+            pairs.append(dataclasses.replace(p, torch_tensor=tensors[p.path]))
         return pairs
 
 
