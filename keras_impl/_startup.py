@@ -10,9 +10,11 @@ that it never meets triton, and the project's Keras layers registered as soon as
   ModuleNotFoundError instead of crashing; torch takes it for "triton is not installed" (torchvision and torch on a
   CPU work without it).
 - TensorFlow 2.21 writes start-up lines from C++ on file descriptor 2 (absl's "All log messages before
-  absl::InitializeLog() is called are written to STDERR" and, on CPUs where it turns oneDNN on, "oneDNN custom
-  operations are on"), whatever TF_CPP_MIN_LOG_LEVEL says: while ``tensorflow`` itself executes, fd 2 points at a
-  temporary file, replayed if the import fails, so a one-line error stays one line. Later output is untouched.
+  absl::InitializeLog() is called are written to STDERR", on CPUs where it turns oneDNN on "oneDNN custom
+  operations are on", and, from the full build on a machine without a GPU driver, "failed call to cuInit" when it
+  first lists its devices), whatever TF_CPP_MIN_LOG_LEVEL says: while ``tensorflow`` itself executes and lists its
+  devices, fd 2 points at a temporary file, replayed if the import fails, so a one-line error stays one line.
+  Later output is untouched.
 
 - ``import keras_impl`` imports no Keras (the model code loads on first use), yet a ``.keras`` file of the project's
   layers must load with ``import keras_impl`` and ``keras.models.load_model``: the layer modules, whose
@@ -93,6 +95,10 @@ class _WrappedLoader(importlib.abc.Loader):
         if self._name == "tensorflow":
             with _fd2_captured():
                 self._inner.exec_module(module)
+                # The full (CUDA) build says "failed call to cuInit" on fd 2 where no GPU driver is found, when
+                # TensorFlow first lists its devices: listed here, inside the capture. Listing does not start
+                # the runtime, so thread and device settings can still be made afterwards.
+                module.config.list_physical_devices()
         else:
             self._inner.exec_module(module)
             register_layers()

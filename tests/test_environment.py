@@ -49,6 +49,9 @@ BACKENDS = ["torch"] + (["jax"] if importlib.util.find_spec("jax") else [])
 OURS_FIRST = """
 import conversion, keras, keras_impl, torch, torchvision, sys
 import torch._dynamo
+import tensorflow as tf
+tf.config.threading.set_inter_op_parallelism_threads(1)  # raises once the runtime has started
+print(float(tf.constant(1.0) + 1), file=sys.stderr)  # the runtime starts: nothing more on stderr
 print("alive", "triton" in sys.modules)
 """
 TENSORFLOW_FIRST = """
@@ -129,6 +132,9 @@ def test_our_packages_first_let_tensorflow_and_triton_share_the_process(processe
     conversion make TensorFlow load RTLD_LOCAL: triton then loads after it, as torchvision does, and works."""
     code, stdout, stderr = _result(processes, "ours-first")
     assert code == 0 and stdout.split() == ["alive", str(TRITON)], (code, stdout, stderr[-2000:])
+    # keras_impl lists TensorFlow's devices while its start-up output is captured (the full build's "failed call to
+    # cuInit"): listing must leave the runtime unstarted, so that thread settings can still be made.
+    assert "cuInit" not in stderr, stderr[-2000:]
 
 
 def test_after_a_global_tensorflow_triton_is_refused_in_one_line_instead_of_crashing(processes):
