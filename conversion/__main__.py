@@ -2,6 +2,6 @@
 
 import sys
 
-from conversion.cli import main
+from conversion.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

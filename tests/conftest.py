@@ -33,12 +33,18 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from keras_impl._startup import freeze_framework_imports
+
 if TYPE_CHECKING:
     import keras
     import torch
 
 # Nothing heavy at import: pytest-xdist's controller process loads this file too, and runs no test; the workers import
-# TensorFlow and torch with the test modules, after keras_impl above.
+# TensorFlow and torch with the test modules, after keras_impl above, with the cycle collector paused and their
+# objects frozen after (a worker lives to the end of the run, as a command's process does).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    freeze_framework_imports()
+
 SEED = 0
 
 

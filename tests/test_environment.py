@@ -16,12 +16,16 @@ from logits import LABELS, hostile_logits
 
 from conversion.training import CASE_CLIPPED, CASE_DOUBLE_SOFTMAX, torch_loss
 
-# Under the chosen Keras backend: Keras's sparse crossentropy of the softmax of the hostile loss logits (argv: logits
-# and labels as JSON), with from_logits False and True, as one JSON line; then converts the seed-0 hostile twins
-# and prints the max rel. error of their logits.
+# Under the chosen Keras backend, in a process that freezes the frameworks' imports as the command's does (whether
+# they were frozen, and the collector is back on): Keras's sparse crossentropy of the softmax of the hostile loss
+# logits (argv: logits and labels as JSON), with from_logits False and True, as one JSON line; then converts the
+# seed-0 hostile twins and prints the max rel. error of their logits.
 _PARITY_SCRIPT = """
-import json, sys
+import gc, json, sys
+from keras_impl._startup import freeze_framework_imports
+freeze_framework_imports()
 import numpy as np, torch, keras, keras_impl, conversion
+print("frozen", gc.get_freeze_count() > 0, "collector", gc.isenabled(), flush=True)
 logits, labels = np.array(json.loads(sys.argv[1])), np.array(json.loads(sys.argv[2]))
 losses = dict()
 for from_logits in (False, True):
@@ -169,6 +173,14 @@ def test_the_keras_model_matches_the_twin_on_every_installed_backend(processes, 
     assert code == 0, stderr[-2000:]
     name, error = stdout.split()[-2:]
     assert name == backend and float(error) <= 1e-5, stdout
+
+
+def test_a_commands_process_freezes_the_frameworks_imports_and_collects_after(processes):
+    """freeze_framework_imports (the command's process calls it): TensorFlow's, Keras's and torch's objects are
+    frozen once imported, and the cycle collector is on again for what the command makes."""
+    code, stdout, stderr = _result(processes, "torch")
+    assert code == 0, stderr[-2000:]
+    assert "frozen True collector True" in stdout.splitlines(), stdout
 
 
 def test_on_the_torch_backend_keras_clips_probabilities(processes):

@@ -20,6 +20,8 @@ import pytest
 # Runs in the fresh process: one JSON line per verdict.
 _PROBE = """
 import json, sys, copy
+from keras_impl._startup import freeze_framework_imports
+freeze_framework_imports()  # a process of one job, as the command's
 sys.path.insert(0, {tests!r})
 import numpy as np, torch
 from conftest import make_twins
