@@ -361,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def console_main() -> int:
     """The ``resnet34-parity`` command's process (also ``python -m conversion``): one command, then exit, so the
-    frameworks' imports are kept out of the cycle collector's walks (``keras_impl._startup``; ~1 s of CPU)."""
+    frameworks' imports are kept out of the cycle collector's walks (``keras_impl._startup``; ~2 s of CPU)."""
     from keras_impl._startup import freeze_framework_imports
 
     freeze_framework_imports()
