@@ -17,8 +17,9 @@ shape that is not ResNet-34's.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -201,6 +202,23 @@ def _misfit(state: Mapping[str, torch.Tensor]) -> str:
     )
 
 
+Module = TypeVar("Module", bound=nn.Module)
+
+
+def empty_twin(build: Callable[[], Module], dtype: str) -> Module:
+    """``build()`` on the meta device, then given uninitialised CPU memory of ``dtype``, ``num_batches_tracked`` at 0.
+
+    For a twin whose every weight is copied in next: torch's own initialisation of ResNet-34's 21M weights (and the
+    Keras-like one after it) costs ~0.15 s for nothing, and float64 never passes through float32."""
+    with torch.device("meta"):
+        model = build()
+    model = model.to(getattr(torch, dtype)).to_empty(device="cpu")
+    for module in model.modules():  # the one buffer neither Keras nor every file has
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.num_batches_tracked is not None:
+            module.num_batches_tracked.zero_()
+    return model
+
+
 def twin_from_state_dict(
     state: Mapping[str, torch.Tensor],
     *,
@@ -223,17 +241,16 @@ def twin_from_state_dict(
         dtype = single_dtype({str(t.dtype).removeprefix("torch.") for t in floating.values()})
     except ConversionError as error:
         raise WeightFileError(f"{source}: {error}") from None
-    # Built on the meta device and given uninitialised memory of the file's dtype, as keras_to_torch does: every
-    # tensor is then overwritten by the file's (torch's and the Keras-like initialisation cost ~0.1 s for nothing).
-    with torch.device("meta"):
-        model = torch_impl.ResNet34(
+    model = empty_twin(
+        lambda: torch_impl.ResNet34(
             num_classes=state[f"{head}.weight"].shape[0] if f"{head}.weight" in state else 0,  # 0: the trunk alone
             in_channels=state[f"{stem}.weight"].shape[1],
             classifier_activation=classifier_activation,
             activation=activation,
             convention=convention,
-        )
-    model = model.to(getattr(torch, dtype)).to_empty(device="cpu")
+        ),
+        dtype,
+    )
     if convention == "torchvision":
         names = twin_key_names(model)
         state = {names.get(k, k): v for k, v in state.items()}
@@ -269,9 +286,6 @@ def twin_from_state_dict(
     for key, tensor in floating.items():
         if not torch.isfinite(tensor).all():
             raise WeightFileError(f"{source}: tensor {key} holds NaN or Inf; expected finite weights")
-    for module in model.modules():  # num_batches_tracked may be absent from the file: it starts at 0 then
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.num_batches_tracked is not None:
-            module.num_batches_tracked.zero_()
     model.load_state_dict(state, strict=False)  # num_batches_tracked may be absent; all else checked above
     return model.eval()
 

@@ -35,6 +35,7 @@ from conversion.arrays import hwio_to_oihw, oihw_to_hwio, single_dtype
 from conversion.errors import ConversionError
 from conversion.keras_reader import KerasLeaf, activation_name, describe_keras, keras_padding, read_keras
 from conversion.state_dicts import (
+    empty_twin,
     target_convention,
     torchvision_state_dict,  # noqa: F401  (importable from here, as before)
     twin_from_torchvision,
@@ -232,27 +233,25 @@ def keras_to_torch(obj: KerasObject, *, convention: str | None = None) -> TorchO
     target = target_convention(source.convention, convention)
     conv = source.layers[source.slots[0].name].layer
     dtype = single_dtype({keras.backend.standardize_dtype(v.dtype) for v in obj.weights})
-    # Built on the meta device and given uninitialised memory of the final dtype: every tensor is overwritten by the
-    # copy below (torch's own initialisation of ResNet-34's 21M weights costs ~0.2 s for nothing), and float64
-    # never passes through float32.
-    with torch.device("meta"):
-        if source.is_unit:
-            twin = torch_impl.ResidualUnit(
+    if source.is_unit:
+        twin = empty_twin(
+            lambda: torch_impl.ResidualUnit(
                 conv.kernel.shape[2], conv.filters, conv.strides[0], source.activation, target
-            )
-        else:
-            twin = torch_impl.ResNet34(
+            ),
+            dtype,
+        )
+    else:
+        twin = empty_twin(
+            lambda: torch_impl.ResNet34(
                 num_classes=source.num_classes,
                 in_channels=conv.kernel.shape[2],
                 classifier_activation=source.head_activation,
                 activation=source.activation,
                 convention=target,
-            )
-    twin = twin.to(getattr(torch, dtype)).to_empty(device="cpu")
+            ),
+            dtype,
+        )
     copy_keras_to_torch(obj, twin, same_convention=target == source.convention)
-    for module in twin.modules():  # the one buffer Keras has no counterpart for
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.num_batches_tracked is not None:
-            module.num_batches_tracked.zero_()
     return twin.eval()
 
 
