@@ -226,12 +226,18 @@ def torch_floor_twin(model: nn.Module, seed: int = 0) -> nn.Module:
     twin = copy.deepcopy(model)
     if dtype != torch.float64:
         return twin.double()  # in place: the copy's optimizer, if any, keeps pointing at its parameters
+    moved_one_ulp(twin, seed)
+    return twin
+
+
+def moved_one_ulp(model: nn.Module, seed: int) -> None:
+    """Every floating parameter and buffer of a float64 torch model moved one ulp at random, in place (the tensor
+    objects stay, so an optimizer's references hold)."""
     rng = np.random.default_rng(seed)
     with torch.no_grad():
-        for tensor in [*twin.parameters(), *twin.buffers()]:
+        for tensor in [*model.parameters(), *model.buffers()]:
             if tensor.is_floating_point():
                 tensor.copy_(torch.from_numpy(one_ulp_apart(tensor.detach().cpu().numpy(), rng)))
-    return twin
 
 
 # --- naming a cause only where its signature is present -------------------------------------------------

@@ -34,7 +34,7 @@ from conversion.verify.noise_floor import (
     floor_multiple,
     judge,
     keras_floor_twin,
-    one_ulp_apart,
+    moved_one_ulp,
     release_clone,
 )
 from conversion.verify.report import TENSOR_KINDS, DivergentTensor, Top1, TrainingReport, TrainingStep
@@ -189,11 +189,7 @@ def _torch_floor_side(side: _TorchSide, seed: int) -> _TorchSide:
                 if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0:
                     state[key] = value.double()
     else:
-        rng = np.random.default_rng(seed)
-        with torch.no_grad():
-            for tensor in [*model.parameters(), *model.buffers()]:
-                if tensor.is_floating_point():
-                    tensor.copy_(torch.from_numpy(one_ulp_apart(tensor.detach().cpu().numpy(), rng)))
+        moved_one_ulp(model, seed)
     loss = side.loss
     if isinstance(loss, training.TorchLoss):
         loss = dataclasses.replace(loss, dtype=torch.float64)
