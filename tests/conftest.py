@@ -151,8 +151,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 REQUIRE_PEERS = os.environ.get("RESNET34_PARITY_REQUIRE_PEERS") == "1"
 
 
-# Installed beside the test extra with --no-deps: their own requirements pull full tensorflow over tensorflow-cpu.
-_NO_DEPS = {"tf_keras": "tf-keras", "keras_hub": '"keras-hub==0.32.*"'}
+# Installed beside the test extra with --no-deps: its tensorflow-text requirement pins a tensorflow of its own.
+_NO_DEPS = {"keras_hub": '"keras-hub==0.32.*"'}
 
 
 def import_peer(name: str) -> types.ModuleType:
