@@ -18,6 +18,7 @@ import gc
 import hashlib
 import os
 import platform
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,6 +166,36 @@ def _tf2onnx_optimizers(guarded: bool) -> Iterator[None]:
         del os.environ["TF2ONNX_CATCH_ERRORS"]
 
 
+@contextlib.contextmanager
+def _protos_written_once() -> Iterator[None]:
+    """tf2onnx rewrites every node's protobuf after each of its optimizers, copying each weight tensor into it
+    (~15 full copies of the weights per export), though nothing reads those protobufs until the graph is written,
+    and writing it rewrites them all once more. Inside, the optimizers' rewrites are skipped: the same file byte for
+    byte, written ~25% faster (64x48 here: 5.0-5.7 s -> 3.6-4.3 s)."""
+    from tf2onnx.graph import Graph
+    from tf2onnx.optimizer.optimizer_base import GraphOptimizerBase
+
+    write, optimize = Graph.update_proto, GraphOptimizerBase.optimize
+    in_optimizer = threading.local()
+
+    def update_proto(self: Any, external_tensor_storage: Any = None) -> None:
+        if not getattr(in_optimizer, "active", False):
+            write(self, external_tensor_storage)
+
+    def optimize_lazily(self: Any, graph: Any, iteration: int) -> Any:
+        in_optimizer.active = True
+        try:
+            return optimize(self, graph, iteration)
+        finally:
+            in_optimizer.active = False
+
+    Graph.update_proto, GraphOptimizerBase.optimize = update_proto, optimize_lazily
+    try:
+        yield
+    finally:
+        Graph.update_proto, GraphOptimizerBase.optimize = write, optimize
+
+
 def export_onnx(
     keras_model: Any,
     path: str | os.PathLike,
@@ -233,7 +264,7 @@ def export_onnx(
                 )[0]
 
             try:
-                with _tf2onnx_optimizers(guarded=False):
+                with _tf2onnx_optimizers(guarded=False), _protos_written_once():
                     proto = convert()
             except Exception:  # an optimizer failed: tf2onnx's guarded run skips it, as it does by default
                 with _tf2onnx_optimizers(guarded=True):

@@ -406,3 +406,44 @@ def test_tf2onnx_runs_its_optimizers_unguarded_only_inside_the_export(monkeypatc
     monkeypatch.setenv("TF2ONNX_CATCH_ERRORS", "TRUE")
     with _tf2onnx_optimizers(guarded=False):
         assert os.environ["TF2ONNX_CATCH_ERRORS"] == "TRUE"
+
+
+def test_tf2onnx_writes_the_same_file_when_its_optimizers_leave_the_protobufs_alone():
+    """Inside the export, tf2onnx's optimizers no longer rewrite every node's protobuf (weights included) after each
+    pass: the final write does it once. On a graph of the network's ops (strided "same" conv, BatchNorm, ReLU,
+    max-pool, mean, Dense; NCHW input, so the transpose optimizer works), the serialised model is the same byte for
+    byte. tf2onnx numbers the nodes it makes from a process-wide counter, reset before each conversion; the function's
+    first conversion names a few nodes differently from the later ones, so it is made first and set aside."""
+    import tensorflow as tf
+    import tf2onnx
+
+    from conversion.onnx_export import _protos_written_once, _tf2onnx_optimizers
+
+    model = keras.Sequential(
+        [
+            keras.Input((13, 10, 3)),
+            keras.layers.Conv2D(8, 3, strides=2, padding="same"),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.MaxPool2D(3, 2, padding="same"),
+            keras.layers.GlobalAvgPool2D(),
+            keras.layers.Dense(4),
+        ]
+    )
+    spec = tf.TensorSpec([None, 13, 10, 3], tf.float32, name="images")
+    serve = tf.function(lambda images: {"logits": model(images, training=False)}, input_signature=[spec])
+
+    def convert() -> bytes:
+        tf2onnx.utils.INTERNAL_NAME = 1
+        proto, _ = tf2onnx.convert.from_function(serve, input_signature=[spec], opset=15, inputs_as_nchw=["images"])
+        return proto.SerializeToString()
+
+    with _tf2onnx_optimizers(guarded=False):
+        convert()
+        every_pass = convert()
+        with _protos_written_once():
+            written_once = convert()
+    assert written_once == every_pass
+    from tf2onnx.graph import Graph
+
+    assert Graph.update_proto.__name__ == "update_proto" and "_protos_written_once" not in repr(Graph.update_proto)
