@@ -67,7 +67,7 @@ def weights_sha256(model: Any) -> str:
     for index, array in enumerate(arrays):
         array = np.ascontiguousarray(array)
         digest.update(f"{index}:{array.dtype.str}:{array.shape};".encode())
-        digest.update(array.tobytes())
+        digest.update(array)  # its buffer, not a copy
     return digest.hexdigest()
 
 

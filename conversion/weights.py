@@ -41,6 +41,7 @@ from conversion.state_dicts import (
     twin_from_torchvision,
 )
 from conversion.structure import Slot
+from keras_impl.layers import random_draws_skipped
 from torch_impl.layers import Dense as TorchDense
 from torch_impl.layers import GlobalAvgPool2d
 from torch_impl.padding import padding_of
@@ -303,6 +304,7 @@ def torch_to_keras_hub(obj: torch_impl.ResNet34, input_shape: tuple = (224, 224,
     dtype = single_dtype(
         {str(t.dtype).removeprefix("torch.") for t in obj.state_dict().values() if t.is_floating_point()}
     )
-    twin = build_keras_hub_resnet34(obj.num_classes, input_shape, obj.classifier_activation, dtype)
+    with random_draws_skipped():  # keras-hub draws its kernels as the model is made; every weight is copied next
+        twin = build_keras_hub_resnet34(obj.num_classes, input_shape, obj.classifier_activation, dtype)
     copy_torch_to_keras(obj, twin)
     return twin

@@ -150,3 +150,30 @@ def test_a_build_left_uninitialised_has_the_normal_config_and_zero_kernels(initi
         twin = torch_impl.ResNet34(num_classes=10, classifier_activation=None)
         converted = conversion.torch_to_keras(twin, (None, None, 3))
         assert converted.get_config() == normal.get_config()
+
+
+def test_layers_built_with_random_draws_skipped_start_at_zero_and_keep_their_configs():
+    """What ``load_keras`` and the keras-hub conversion build under (every weight is overwritten next): random
+    initialisers give zeros, constant ones (BatchNorm's, an optimizer's) their values, and the configs and the
+    backend's Variable are as before on exit."""
+    from keras_impl.layers import random_draws_skipped
+
+    initialize = keras.Variable._initialize_with_initializer
+    layers = {
+        "he": keras.layers.Conv2D(4, 3, kernel_initializer="he_normal"),
+        "glorot": keras.layers.Dense(4),
+        "normal": keras.layers.Dense(4, kernel_initializer=keras.initializers.RandomNormal(stddev=5.0)),
+        "bn": keras.layers.BatchNormalization(),
+    }
+    with random_draws_skipped():
+        for name, layer in layers.items():
+            layer.build((None, 5, 5, 3) if name == "he" else (None, 3))
+    assert keras.Variable._initialize_with_initializer is initialize
+    for name in ("he", "glorot", "normal"):
+        assert not np.any(keras.ops.convert_to_numpy(layers[name].kernel)), name
+    assert layers["he"].get_config()["kernel_initializer"]["class_name"] == "HeNormal"
+    assert np.all(keras.ops.convert_to_numpy(layers["bn"].gamma) == 1)
+    assert np.all(keras.ops.convert_to_numpy(layers["bn"].moving_variance) == 1)
+    drawn = keras.layers.Dense(4)
+    drawn.build((None, 3))
+    assert np.any(keras.ops.convert_to_numpy(drawn.kernel))

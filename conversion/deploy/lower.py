@@ -71,7 +71,7 @@ class Lowered:
 def array_sha256(array: np.ndarray) -> str:
     """sha256 over an array's dtype, shape and bytes."""
     digest = hashlib.sha256(f"{array.dtype.str}:{array.shape};".encode())
-    digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(np.ascontiguousarray(array))  # its buffer, not a copy
     return digest.hexdigest()
 
 
