@@ -53,9 +53,9 @@ def output_name(classifier_activation: str | None) -> str:
 def weights_sha256(model: Any) -> str:
     """sha256 of a Keras model's or torch module's floating weights (order, dtype, shape and bytes).
 
-    Names are left out on purpose: Keras auto-names sublayers (``conv2d_17``) from a per-process counter,
-    so the same weights would hash differently in two processes. The hash is over the source framework's
-    own layout, so a Keras model and its torch twin do not share it.
+    Names are left out on purpose: Keras auto-names unnamed sublayers (the book's units: ``conv2d_17``) from a
+    per-process counter, so the same weights would hash differently in two processes. The hash is over the source
+    framework's own layout, so a Keras model and its torch twin do not share it.
     """
     if hasattr(model, "state_dict"):  # torch: parameters and BatchNorm buffers, not num_batches_tracked
         arrays = [t.detach().cpu().numpy() for t in model.state_dict().values() if t.is_floating_point()]

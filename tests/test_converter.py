@@ -37,8 +37,8 @@ def _bits(array) -> tuple[str, tuple, bytes]:
 
 
 def _keras_bits(model) -> list[tuple]:
-    # In order: Keras names the layers inside a unit by a global counter (conv2d_70), so paths differ
-    # between two equal models while the order of model.weights does not.
+    # In order: Keras names unnamed layers by a global counter (the book's unit has conv2d_70), so paths can
+    # differ between two equal models while the order of model.weights does not.
     return [(v.name, *_bits(keras.ops.convert_to_numpy(v))) for v in model.weights]
 
 
