@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import keras
 
@@ -19,31 +19,6 @@ def batch_norm(*, convention: str = "book", **kwargs) -> keras.layers.BatchNorma
     return keras.layers.BatchNormalization(**BATCH_NORM[check_convention(convention)], **kwargs)
 
 
-@contextlib.contextmanager
-def kernels_left_at_zero() -> Iterator[Callable[[keras.layers.Layer], keras.layers.Layer]]:
-    """Inside, ``zero(layer)`` makes an unbuilt layer and its sublayers create their kernels as zeros when they are
-    built, not drawn from their random initialisers; on exit every initialiser is put back, so configs and saved
-    files are what a normal build gives. For a model whose every weight is assigned next (a converted or cloned
-    one): the draws are about half of a ResNet-34 build (float64: ~0.55 s -> ~0.27 s here)."""
-    swapped: list[tuple[keras.layers.Layer, keras.initializers.Initializer]] = []
-
-    def zero(layer: keras.layers.Layer) -> keras.layers.Layer:
-        if not isinstance(layer, keras.layers.Layer):  # keras.Input's tensor
-            return layer
-        for sublayer in layer._flatten_layers(include_self=True, recursive=True):
-            initializer = getattr(sublayer, "kernel_initializer", None)
-            if isinstance(initializer, keras.initializers.Initializer):  # ResidualUnit's own is a name: left alone
-                swapped.append((sublayer, initializer))
-                sublayer.kernel_initializer = keras.initializers.Zeros()
-        return layer
-
-    try:
-        yield zero
-    finally:
-        for sublayer, initializer in swapped:
-            sublayer.kernel_initializer = initializer
-
-
 # Keras's random initialisers (He and Glorot are VarianceScaling): drawing them is most of a ResNet-34 build's time.
 _RANDOM_INITIALIZERS = (
     keras.initializers.VarianceScaling,
@@ -57,9 +32,10 @@ _RANDOM_INITIALIZERS = (
 @contextlib.contextmanager
 def random_draws_skipped() -> Iterator[None]:
     """Inside, a Keras variable whose initialiser is random starts at zero instead of being drawn (constant
-    initialisers, such as an optimizer's, are left alone). For code that builds layers it does not make itself and
-    overwrites every weight next: Keras's ``load_model`` builds the whole model before it reads the file, and
-    keras-hub's ResNet draws its kernels as it is made. Configs keep their initialisers. Not thread-safe: it swaps
+    initialisers, such as an optimizer's, are left alone). For a model whose every weight is assigned next: the
+    converter's and the loaders' builds (``build_resnet34(initialize_weights=False)``), the floor clones, Keras's
+    ``load_model`` (it builds the whole model before it reads the file) and keras-hub's ResNet (it draws its kernels
+    as it is made). Configs and saved files keep their initialisers. Not thread-safe: it swaps
     a method of the backend's Variable class for the duration (float64 ``.keras`` load here: 2.0 s -> 1.6 s)."""
     variable_class = keras.Variable
     initialize = variable_class._initialize_with_initializer

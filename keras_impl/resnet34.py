@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import keras
 
-from keras_impl.layers import batch_norm, kernels_left_at_zero
+from keras_impl.layers import batch_norm, random_draws_skipped
 from keras_impl.padding import check_convention, conv2d, max_pool2d
 from keras_impl.residual_unit import ResidualUnit
 
@@ -87,5 +87,5 @@ def build_resnet34(
     name = "resnet34" if num_classes else "resnet34_trunk"
     if initialize_weights:
         return keras.Sequential(layers, name=name)
-    with kernels_left_at_zero() as zero:  # the Sequential builds its layers as it is made
-        return keras.Sequential([zero(layer) for layer in layers], name=name)
+    with random_draws_skipped():  # the Sequential builds its layers as it is made
+        return keras.Sequential(layers, name=name)

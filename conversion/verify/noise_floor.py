@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from keras_impl.layers import kernels_left_at_zero
+from keras_impl.layers import random_draws_skipped
 
 # Errors up to this multiple of their floor are rounding, per compared dtype (each has its own way of measuring
 # the floor). Every planted porting bug sits far beyond both (docs/what-it-catches.md gives each one's ratio).
@@ -166,10 +166,10 @@ def _rebuilt(model: keras.Model, dtype: str, architecture: str) -> keras.Model:
     keras.config.set_dtype_policy(dtype)
 
     try:
-        with kernels_left_at_zero() as zero:  # keras_clone assigns every weight next
+        with random_draws_skipped():  # keras_clone assigns every weight next
 
             def rebuilt(layer: keras.layers.Layer) -> keras.layers.Layer:
-                return zero(layer.__class__.from_config({**layer.get_config(), "dtype": dtype}))
+                return layer.__class__.from_config({**layer.get_config(), "dtype": dtype})
 
             clone = keras.models.clone_model(
                 model, input_tensors=keras.Input(shape=model.input_shape[1:], dtype=dtype), clone_function=rebuilt
