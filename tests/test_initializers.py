@@ -157,9 +157,9 @@ def test_a_build_left_uninitialised_has_the_normal_config_and_zero_kernels(initi
 
 
 def test_layers_built_with_random_draws_skipped_start_at_zero_and_keep_their_configs():
-    """What ``load_keras`` and the keras-hub conversion build under (every weight is overwritten next): random
-    initialisers give zeros, constant ones (BatchNorm's, an optimizer's) their values, and the configs and the
-    backend's Variable are as before on exit."""
+    """What the converter's builds, the floor clones, ``load_keras`` and the keras-hub conversion build under (every
+    weight is overwritten next): random initialisers give zeros, constant ones (BatchNorm's, an optimizer's) their
+    values, and the configs and the backend's Variable are as before on exit."""
     from keras_impl.layers import random_draws_skipped
 
     initialize = keras.Variable._initialize_with_initializer
