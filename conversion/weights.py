@@ -234,24 +234,21 @@ def keras_to_torch(obj: KerasObject, *, convention: str | None = None) -> TorchO
     target = target_convention(source.convention, convention)
     conv = source.layers[source.slots[0].name].layer
     dtype = single_dtype({keras.backend.standardize_dtype(v.dtype) for v in obj.weights})
-    if source.is_unit:
-        twin = empty_twin(
-            lambda: torch_impl.ResidualUnit(
+
+    def build() -> TorchObject:
+        if source.is_unit:
+            return torch_impl.ResidualUnit(
                 conv.kernel.shape[2], conv.filters, conv.strides[0], source.activation, target
-            ),
-            dtype,
+            )
+        return torch_impl.ResNet34(
+            num_classes=source.num_classes,
+            in_channels=conv.kernel.shape[2],
+            classifier_activation=source.head_activation,
+            activation=source.activation,
+            convention=target,
         )
-    else:
-        twin = empty_twin(
-            lambda: torch_impl.ResNet34(
-                num_classes=source.num_classes,
-                in_channels=conv.kernel.shape[2],
-                classifier_activation=source.head_activation,
-                activation=source.activation,
-                convention=target,
-            ),
-            dtype,
-        )
+
+    twin = empty_twin(build, dtype)
     copy_keras_to_torch(obj, twin, same_convention=target == source.convention)
     return twin.eval()
 
