@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conversion.deploy import digits as digits_module
 from conversion.deploy import lower_onnx
 from conversion.deploy.check import DeployedModel, dataset_check, keras_logits
-from conversion.deploy.digits import Recipe, digits_data, trained_digits
+from conversion.deploy.digits import Recipe, digits_data, load_digits, trained_digits
+from conversion.errors import ConversionError
 from conversion.onnx_export import export_torch_onnx
 
 pytestmark = pytest.mark.slow
@@ -36,6 +38,27 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "y": y_held,
         "source": keras_logits(keras_model)(x_held),
     }
+
+
+def test_the_packaged_digits_are_the_uci_test_set_and_a_damaged_copy_is_refused(tmp_path, monkeypatch):
+    """1,797 8x8 images of grey levels 0..16 and their labels (174 to 183 of each digit); a file
+    that is not the packaged one fails with one line, before anything is trained on it."""
+    images, labels = load_digits()
+    assert images.shape == (1797, 8, 8) and labels.shape == (1797,) and labels.dtype == np.int64
+    assert images.min() == 0 and images.max() == 16 and np.array_equal(images, np.round(images))
+    counts = np.bincount(labels)
+    assert counts.size == 10 and counts.min() == 174 and counts.max() == 183, counts
+    x_train, y_train, x_held, y_held = digits_data(Recipe())
+    assert x_train.shape == (1437, 32, 32, 3) and x_held.shape == (360, 32, 32, 3) and x_train.dtype == np.float32
+    assert abs(float(x_train.mean())) < 1e-5 and abs(float(x_train.std()) - 1) < 1e-5  # standardized by the train split
+    assert np.array_equal(np.bincount(np.concatenate([y_train, y_held])), counts)  # a split: every image once
+    damaged = tmp_path / "digits.csv.gz"
+    raw = bytearray(digits_module.DIGITS_FILE.read_bytes())
+    raw[-10] ^= 1
+    damaged.write_bytes(bytes(raw))
+    monkeypatch.setattr(digits_module, "DIGITS_FILE", damaged)
+    with pytest.raises(ConversionError, match="is not the digits file this package ships"):
+        load_digits()
 
 
 def test_trained_model_fp32_onnx_agrees_on_every_held_out_image(digits):
