@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from conversion.errors import ConversionError, InputError
@@ -11,6 +13,13 @@ from conversion.errors import ConversionError, InputError
 # a margin of ~20x and ~1e4x, while every planted porting bug gives errors over 1e-3
 # (asserted by tests/test_mutations.py).
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
+
+
+def array_sha256(array: np.ndarray) -> str:
+    """sha256 over an array's dtype, shape and bytes (hashlib reads the buffer: no copy of a 170 MB model)."""
+    digest = hashlib.sha256(f"{array.dtype.str}:{array.shape};".encode())
+    digest.update(np.ascontiguousarray(array))
+    return digest.hexdigest()
 
 
 def max_rel_err(actual: np.ndarray, reference: np.ndarray) -> float:

@@ -21,7 +21,7 @@ from conftest import import_peer
 import conversion
 import keras_impl
 from conversion import cli
-from conversion.arrays import max_rel_err
+from conversion.arrays import array_sha256, max_rel_err
 from conversion.deploy import lower_onnx
 from conversion.deploy.check import DeployedModel, check_deployment, keras_logits, metadata_of, stored_precision
 from conversion.deploy.search import search_keep_float
@@ -145,7 +145,7 @@ def test_metadata_records_the_stage_map_precision_calibration_and_kept_stages(ho
     meta = metadata_of(path.path)
     assert meta["precision"] == "int8" and meta["kept_float"] == "unit_3,head"
     assert meta["calibration"]["images"] == 16 and meta["calibration"]["method"] == "minmax"
-    assert meta["calibration"]["sha256"] == conversion.deploy.lower.array_sha256(calibration)
+    assert meta["calibration"]["sha256"] == array_sha256(calibration)
     assert meta["source_framework"] == "torch"  # the float32 file's own metadata is kept
     model = onnx.load(str(path.path))
     stage_map = find_stages(model)

@@ -120,6 +120,26 @@ def test_keras_file_reloads_without_custom_objects_and_reproduces_outputs(source
     )  # same weights, same graph, same kernels: identical bits
 
 
+def test_a_loaded_model_must_hold_every_stored_array_exactly_once(twins_f32, tmp_path):
+    """What load_keras checks after Keras has read a file: the stored arrays and the model's variables are the same
+    multiset (dtype, shape and bytes). One flipped bit, a dtype changed or an array stored twice fails it."""
+    from conversion.keras_files import _check_weights_landed
+
+    model = twins_f32[0]
+    stored = [keras.ops.convert_to_numpy(v) for v in model.weights]
+    _check_weights_landed(model, stored, tmp_path / "m.keras")  # the same arrays, in any order
+    _check_weights_landed(model, stored[::-1], tmp_path / "m.keras")
+    flipped = stored[5].copy()
+    flipped.view(np.uint32).flat[0] ^= 1
+    for broken in (
+        [*stored[:5], flipped, *stored[6:]],
+        [*stored[:5], stored[5].astype(np.float64), *stored[6:]],
+        [*stored[:5], stored[4], *stored[6:]],
+    ):
+        with pytest.raises(WeightFileError, match="do not hold the file's"):
+            _check_weights_landed(model, broken, tmp_path / "m.keras")
+
+
 def test_safetensors_records_the_head_and_pt_takes_it_from_the_caller(tmp_path, twins_f32):
     _, torch_model = twins_f32
     safetensors = files.save_torch(torch_model, tmp_path / "m.safetensors")

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from conversion.deploy.lower import array_sha256
+from conversion.arrays import array_sha256
 from conversion.deploy.report import Arithmetic, DeploymentCheck, default_max_flip_rate
 from conversion.errors import InputError
 

@@ -15,7 +15,6 @@ the precision, the calibration (image count, sha256, method) and the stages kept
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sys
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from conversion.arrays import array_sha256
 from conversion.deploy.stage_map import (
     METADATA_KEY,
     check_keep_float,
@@ -66,13 +66,6 @@ class Lowered:
     precision: str
     kept_float: tuple[str, ...]
     calibration: Calibration | None
-
-
-def array_sha256(array: np.ndarray) -> str:
-    """sha256 over an array's dtype, shape and bytes."""
-    digest = hashlib.sha256(f"{array.dtype.str}:{array.shape};".encode())
-    digest.update(np.ascontiguousarray(array))  # its buffer, not a copy
-    return digest.hexdigest()
 
 
 def check_precision(precision: str) -> str:
