@@ -41,12 +41,6 @@ if TYPE_CHECKING:
     import keras
     import torch
 
-# Nothing heavy at import: pytest-xdist's controller process loads this file too, and runs no test; the workers import
-# TensorFlow and torch with the test modules, after keras_impl above, with the cycle collector paused and their
-# objects frozen after (a worker lives to the end of the run, as a command's process does).
-if "PYTEST_XDIST_WORKER" in os.environ:
-    freeze_framework_imports()
-
 
 def _exit_without_teardown() -> None:
     """A worker's last step: leave without tearing the interpreter down.
@@ -59,7 +53,11 @@ def _exit_without_teardown() -> None:
     os._exit(0)
 
 
+# Nothing heavy at import: pytest-xdist's controller process loads this file too, and runs no test; the workers import
+# TensorFlow and torch with the test modules, after keras_impl above, with the cycle collector paused and their
+# objects frozen after (a worker lives to the end of the run, as a command's process does).
 if "PYTEST_XDIST_WORKER" in os.environ:
+    freeze_framework_imports()
     atexit.register(_exit_without_teardown)  # before the frameworks load: their handlers run first
 
 SEED = 0
