@@ -101,25 +101,29 @@ def _h5_arrays(group: h5py.Group) -> list[np.ndarray]:
     return arrays
 
 
-def _check_weights_landed(model: keras.Model, file_arrays: list[np.ndarray], path: Path) -> None:
-    """Every array of the file is in exactly one variable of the loaded model, and vice versa."""
-    loaded = _array_digests(keras.ops.convert_to_numpy(v) for v in model.weights)
-    if loaded != _array_digests(iter(file_arrays)):
+def _check_weights_landed(loaded: list[np.ndarray], file_arrays: list[np.ndarray], path: Path) -> None:
+    """Every array of the file is in exactly one variable of the loaded model (``loaded``: their values), and vice
+    versa."""
+    if _array_digests(iter(loaded)) != _array_digests(iter(file_arrays)):
         raise WeightFileError(
-            f"{path}: the loaded model's {len(model.weights)} variables do not hold the file's "
+            f"{path}: the loaded model's {len(loaded)} variables do not hold the file's "
             f"{len(file_arrays)} arrays; expected every stored weight to land in the model"
         )
 
 
-def _checked_model(model: object, path: Path) -> keras.Model:
+def _checked_model(model: object, file_arrays: list[np.ndarray], path: Path) -> keras.Model:
+    """The loaded model, once every array of the file landed in it, it reads as a ResNet-34 and its weights are
+    finite. Each variable is copied out once for both checks (0.05-0.3 s for a ResNet-34 here)."""
+    loaded = [keras.ops.convert_to_numpy(variable) for variable in model.weights]
+    _check_weights_landed(loaded, file_arrays, path)
     if not isinstance(model, keras.Model):
         raise WeightFileError(f"{path}: expected a Keras model; found {type(model).__name__}")
     try:
         read_keras(model)
     except ConversionError as error:
         raise WeightFileError(f"{path}: {error}") from None
-    for variable in model.weights:
-        if not np.all(np.isfinite(keras.ops.convert_to_numpy(variable))):
+    for variable, value in zip(model.weights, loaded, strict=True):
+        if not np.all(np.isfinite(value)):
             raise WeightFileError(f"{path}: tensor {variable.path} holds NaN or Inf; expected finite weights")
     return model
 
@@ -136,8 +140,11 @@ def _set_aside(handle: h5py.File, path: Path, notes: list[str] | None) -> None:
         notes.append(f"{path}: set aside the training state it also holds ({held}); the model's weights were read")
 
 
-def _load_weights_file(path: Path, classifier_activation: str | None, notes: list[str] | None) -> keras.Model:
-    """``.weights.h5`` (no architecture inside): build ResNet-34 to the file's shapes, then load by structure."""
+def _load_weights_file(
+    path: Path, classifier_activation: str | None, notes: list[str] | None
+) -> tuple[keras.Model, list[np.ndarray]]:
+    """``.weights.h5`` (no architecture inside): build ResNet-34 to the file's shapes, then load by structure.
+    Returns the model and the file's arrays of it, for ``_checked_model``."""
     try:
         with h5py.File(path, "r") as handle:
             if "layers" not in handle and "layer_names" in handle.attrs:  # an older tf_keras wrote Keras 2's layout
@@ -163,8 +170,7 @@ def _load_weights_file(path: Path, classifier_activation: str | None, notes: lis
         raise
     except Exception as error:
         raise WeightFileError(f"{path}: not ResNet-34 .weights.h5 weights ({first_line(error)})") from None
-    _check_weights_landed(model, file_arrays, path)
-    return model
+    return model, file_arrays
 
 
 def _names(attribute: object) -> list[str]:
@@ -188,8 +194,9 @@ def _keras2_weight_groups(handle: h5py.File) -> list[tuple[str, dict[str, np.nda
 
 def _load_keras2_weights(
     path: Path, handle: h5py.File, classifier_activation: str | None, notes: list[str] | None
-) -> keras.Model:
-    """A Keras 2 weights-only HDF5 file: its layers' weights, in order, into the book's ResNet-34."""
+) -> tuple[keras.Model, list[np.ndarray]]:
+    """A Keras 2 weights-only HDF5 file: its layers' weights, in order, into the book's ResNet-34. Returns the
+    model and the file's arrays, for ``_checked_model``."""
     groups = _keras2_weight_groups(handle)
     stem, head = (groups[0][1].get("kernel"), groups[-1][1].get("kernel")) if groups else (None, None)
     if stem is None or head is None or stem.ndim != 4 or head.ndim != 2:
@@ -226,13 +233,12 @@ def _load_keras2_weights(
                     f"{describe_keras(target.layer)} there needs {tuple(variable.shape)}"
                 )
             variable.assign(arrays[name])
-    _check_weights_landed(model, [a for _, arrays in groups for a in arrays.values()], path)
     if notes is not None:
         notes.append(
             f"{path}: a Keras 2 weights-only file, read by its {len(groups)} layers in order as the book's "
             "ResNet-34 (it records no architecture: TF 'same' padding and BatchNorm epsilon 1e-3 assumed)"
         )
-    return model
+    return model, [array for _, arrays in groups for array in arrays.values()]
 
 
 def _keras_hub_resnet34(layer: dict, where: str) -> None:
@@ -272,7 +278,7 @@ def load_keras(
     if classifier_activation == HEAD_AUTO:
         classifier_activation = "softmax"
     if path.name.endswith(".weights.h5"):
-        return _checked_model(_load_weights_file(path, classifier_activation, notes), path)
+        return _checked_model(*_load_weights_file(path, classifier_activation, notes), path)
     if path.suffix == ".keras":
         if not zipfile.is_zipfile(path):
             raise WeightFileError(
@@ -292,7 +298,7 @@ def load_keras(
         try:
             with h5py.File(path, "r") as handle:
                 if "model_config" not in handle.attrs and "layer_names" in handle.attrs:  # tf_keras save_weights
-                    return _checked_model(_load_keras2_weights(path, handle, classifier_activation, notes), path)
+                    return _checked_model(*_load_keras2_weights(path, handle, classifier_activation, notes), path)
                 if "model_config" not in handle.attrs:
                     raise WeightFileError(
                         f"{path}: an HDF5 file without a model config or Keras 2 layer groups; expected "
@@ -316,8 +322,7 @@ def load_keras(
                 model = keras.saving.load_model(path, custom_objects=custom_objects)
     except Exception as error:
         raise WeightFileError(f"{path}: could not load the {path.suffix} model ({first_line(error)})") from None
-    _check_weights_landed(model, file_arrays, path)
-    return _checked_model(model, path)
+    return _checked_model(model, file_arrays, path)
 
 
 def save_keras(model: keras.Model, path: str | os.PathLike) -> Path:

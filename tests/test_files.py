@@ -126,9 +126,10 @@ def test_a_loaded_model_must_hold_every_stored_array_exactly_once(twins_f32, tmp
     from conversion.keras_files import _check_weights_landed
 
     model = twins_f32[0]
-    stored = [keras.ops.convert_to_numpy(v) for v in model.weights]
-    _check_weights_landed(model, stored, tmp_path / "m.keras")  # the same arrays, in any order
-    _check_weights_landed(model, stored[::-1], tmp_path / "m.keras")
+    loaded = [keras.ops.convert_to_numpy(v) for v in model.weights]
+    stored = [array.copy() for array in loaded]
+    _check_weights_landed(loaded, stored, tmp_path / "m.keras")  # the same arrays, in any order
+    _check_weights_landed(loaded, stored[::-1], tmp_path / "m.keras")
     flipped = stored[5].copy()
     flipped.view(np.uint32).flat[0] ^= 1
     for broken in (
@@ -137,7 +138,7 @@ def test_a_loaded_model_must_hold_every_stored_array_exactly_once(twins_f32, tmp
         [*stored[:5], stored[4], *stored[6:]],
     ):
         with pytest.raises(WeightFileError, match="do not hold the file's"):
-            _check_weights_landed(model, broken, tmp_path / "m.keras")
+            _check_weights_landed(loaded, broken, tmp_path / "m.keras")
 
 
 def test_safetensors_records_the_head_and_pt_takes_it_from_the_caller(tmp_path, twins_f32):
