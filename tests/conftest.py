@@ -122,7 +122,7 @@ def unit_twins() -> Callable[..., tuple[keras_impl.ResidualUnit, torch.nn.Module
 LONGEST_FIRST = (  # seconds in one run here, in brackets
     "test_train_verify.py",  # (79)
     "test_checkpoints.py",  # (72)
-    "test_deploy_trained.py",  # (6) trains the digits model where it is not cached yet (+~40)
+    "test_deploy_trained.py",  # (6) trains the digits model where it is not cached yet (+45 to +270)
     "test_deploy.py",  # (43)
     "test_onnx.py",  # (30)
     "test_torchvision_timm.py",  # (27)

@@ -1,8 +1,11 @@
 """The trained digits model (conversion.deploy.digits) on its 360 held-out images: fp32 ONNX agrees with Keras on
-every top-1, and the int8 file's agreement and accuracy stay at what was measured.
+every top-1, and the int8 file's agreement and accuracy stay within what the recipe's models reach.
 
-The weights come from ~/.cache/resnet34-parity (trained there once by the recipe, deterministically; ~45 s on 2 idle
-cores when absent). The figures: ``python -m conversion.deploy.digits`` (docs/deployment.md, README).
+The weights come from ~/.cache/resnet34-parity (trained there once by the recipe when absent: 45 s to 4.5 min, by the
+machine). Each CPU trains its own model (its kernels round differently), so the bounds hold for every model the recipe
+trains, not one machine's: they sit below the lowest of four seeds' models (seeds 0-3, one thread each, on an AMD
+EPYC with AVX2 only: a seed gives another model of the same recipe, as another machine's rounding does). The figures:
+``python -m conversion.deploy.digits`` (docs/deployment.md, README).
 """
 
 from __future__ import annotations
@@ -64,9 +67,10 @@ def test_the_packaged_digits_are_the_uci_test_set_and_a_damaged_copy_is_refused(
 def test_trained_model_fp32_onnx_agrees_on_every_held_out_image(digits):
     check = dataset_check(None, DeployedModel(digits["fp32"]), digits["x"], digits["y"], source_logits=digits["source"])
     assert check.top1_agreement == 1.0 and not check.flips
-    # Measured: Keras 91.7% on the 360 held-out digits (BatchNorm statistics re-estimated, docs/deployment.md).
-    assert check.accuracy.source >= 0.90 and check.accuracy.deployed == check.accuracy.source
-    # Measured: 2.7e-6 at worst for this torch-exported file (3.3e-6 for the tf2onnx one); verify's float32 bound: 1e-5.
+    # Four seeds: Keras 98.6% to 98.9% on the 360 held-out digits (BatchNorm statistics re-estimated); 95% leaves
+    # 13 images of slack, and a recipe that stopped training well fails here (SGD with momentum: 62% to 96%).
+    assert check.accuracy.source >= 0.95 and check.accuracy.deployed == check.accuracy.source
+    # Four seeds: 2.2e-6 to 2.7e-6 at worst for this torch-exported file; verify's float32 bound: 1e-5.
     assert check.logit_error["max"] < 1e-5
 
 
@@ -75,6 +79,6 @@ def test_trained_model_int8_minmax_agreement(digits):
     logits = DeployedModel(path).logits(digits["x"])
     agreement = float(np.mean(logits.argmax(1) == digits["source"].argmax(1)))
     accuracy = float(np.mean(logits.argmax(1) == digits["y"]))
-    # Measured (MinMax on 64 training images, this torch-exported file): 94.4% top-1 agreement with Keras (20 flips of
-    # 360) and 87.8% accuracy against Keras's 91.7%; the bounds leave about 1.5 points (5 images) of slack.
-    assert agreement >= 0.93 and accuracy >= 0.86
+    # Four seeds (MinMax on 64 training images, this torch-exported file): 98.6% to 98.9% top-1 agreement with Keras
+    # (4 to 5 flips of 360) and 97.8% to 98.9% accuracy; the bounds leave 5 and 6 images of slack.
+    assert agreement >= 0.97 and accuracy >= 0.96

@@ -2,10 +2,15 @@
 scikit-learn ships as ``load_digits``), upscaled to 32x32 and 3 channels, with a held-out split.
 
 Hostile random weights give one class almost everywhere, so their flip rates mean little; a trained model's do.
-The recipe is deterministic: the torch twin (``torch_impl.ResNet34``, the book's convention) trained with Keras's own
-SGD rule in torch (``conversion.training.torch_optimizer``), seeded, on one thread order of batches, then converted to
-Keras by the project's converter. The weights are cached outside the repository, keyed by the recipe:
-``~/.cache/resnet34-parity/digits-<key>.pt`` (``RESNET34_PARITY_CACHE`` moves the folder).
+The recipe: the torch twin (``torch_impl.ResNet34``, the book's convention) trained with Keras's own Adam rule and
+cosine decay in torch (``conversion.training.torch_optimizer``), seeded, on one order of batches, then converted to
+Keras by the project's converter. It is deterministic on one machine, not across machines: another CPU rounds its
+kernels differently, and 176 steps of training grow that into another model. The recipe is chosen so that each such
+model trains well: held-out accuracy 98.6% to 98.9% over four seeds, where the earlier recipe (SGD, nesterov momentum
+0.9, lr 0.02) gave 91.7% on one CPU and 79.7% on another, and 62% to 96% over three seeds with cosine decay. The tests
+bound what any of the recipe's models must reach, not one machine's figures. The weights are cached outside the
+repository, keyed by the recipe: ``~/.cache/resnet34-parity/digits-<key>.pt`` (``RESNET34_PARITY_CACHE`` moves the
+folder).
 """
 
 from __future__ import annotations
@@ -39,13 +44,12 @@ class Recipe:
     size: int = 32  # the 8x8 digits upscaled (nearest) to size x size
     epochs: int = 4
     batch: int = 32
-    learning_rate: float = 0.02
-    momentum: float = 0.9
+    learning_rate: float = 1e-3  # Adam's, decayed to 0 by a cosine over all steps
     seed: int = 0
     held_out: int = 360  # the last images of a seeded permutation: never trained on
     # The book's BatchNorm momentum (0.99) leaves the moving statistics 0.99^176 = 17% at their initial values after
-    # 176 steps (held-out accuracy measured 37.5%); one pass over the training images in batches of this size sets them
-    # to the average of the batch statistics (measured 91.7%).
+    # 176 steps (held-out accuracy measured 81.7%, seed 0 on one thread); one pass over the training images in batches
+    # of this size sets them to the average of the batch statistics (measured 98.9%).
     statistics_batch: int = 64
 
     @property
@@ -93,11 +97,11 @@ def train_torch(recipe: Recipe = Recipe(), progress: Callable[[int, int], None] 
     x_train, y_train, _, _ = digits_data(recipe)
     torch.manual_seed(recipe.seed)
     model = torch_impl.ResNet34(num_classes=10, classifier_activation=None)
-    rule = keras.optimizers.SGD(learning_rate=recipe.learning_rate, momentum=recipe.momentum, nesterov=True)
-    optimizer = torch_optimizer(rule, model)
+    steps = recipe.epochs * (len(x_train) // recipe.batch)
+    rate = keras.optimizers.schedules.CosineDecay(recipe.learning_rate, decay_steps=steps)
+    optimizer = torch_optimizer(keras.optimizers.Adam(learning_rate=rate), model)
     loss_fn = torch.nn.CrossEntropyLoss()
     rng = np.random.default_rng(recipe.seed)
-    steps = recipe.epochs * (len(x_train) // recipe.batch)
     done = 0
     model.train()
     for _ in range(recipe.epochs):
