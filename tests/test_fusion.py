@@ -37,7 +37,7 @@ import torch
 import torch_impl
 from conversion.arrays import TOLERANCE, max_rel_err, nhwc_to_nchw, seeded_images
 from torch_impl import FusedResNet34
-from torch_impl.fusion import FusedConv, fold_batch_norm
+from torch_impl.fusion import CompiledInProcess, FusedConv, fold_batch_norm
 from torch_impl.padding import Conv2dSame
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -155,6 +155,26 @@ def test_a_fused_model_copies_like_any_module():
     assert not any(buffer.requires_grad for buffer in fused.buffers())
     half = copy.deepcopy(fused).half()
     assert half.stem.weight.dtype == torch.float16 and fused.stem.weight.dtype == torch.float32
+
+
+def test_the_glue_compiles_in_process_so_no_compile_pool_takes_the_cores():
+    # On CUDA the glue is torch.compiled; inductor's pool of one compile worker per core would hold every core for
+    # seconds after the first compile (docstring of CompiledInProcess). Each new shape compiles with one thread, and
+    # a call already seen goes straight through, under the user's own setting.
+    import torch._inductor.config as inductor_config
+
+    threads_seen: list = []
+
+    def compiled(x: torch.Tensor, pad: tuple) -> torch.Tensor:  # stands in for the torch.compile'd function
+        threads_seen.append(inductor_config.compile_threads)
+        return x
+
+    glue = CompiledInProcess(compiled)
+    small, large = torch.ones(1, 3, 4, 4), torch.ones(2, 3, 4, 4)
+    with inductor_config.patch(compile_threads=4):  # the user's setting (a 4-core machine's default)
+        for x, pad in ((small, (0, 1)), (small, (0, 1)), (large, (0, 1)), (small, (1, 1))):
+            assert glue(x, pad) is x
+    assert threads_seen == [1, 4, 1, 1]
 
 
 def test_fuse_gives_an_eval_mode_fused_model_and_leaves_the_twin_in_its_mode():
