@@ -77,8 +77,9 @@ class CompiledInProcess:
 
     Left to itself, inductor starts a pool of one compile worker per core at a process's first compile. While
     the pool starts, every multi-threaded CPU op of the process waits for busy cores: on the H200 machine (16
-    cores) a one-image host-to-device copy took 8.0 ms instead of 0.08 ms for 5.4 s after the glue's first
-    compile. These kernels are tiny, so compiling them in-process is also quicker (2.1 s against 3.5 s there).
+    cores) a one-image host-to-device copy took about 8 ms instead of 0.08 ms for about 5 s after a first compile
+    (benchmarks/README.md). These kernels are tiny, so compiling them in-process is also quicker (2.1 s against
+    3.5 s there).
     Only a call with arguments not seen before (a compile) runs under the patch; the others call straight through.
     """
 
