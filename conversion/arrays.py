@@ -15,10 +15,20 @@ from conversion.errors import ConversionError, InputError
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
 
 
+def hash_array(digest: hashlib._Hash, array: np.ndarray, label: str = "") -> None:
+    """Feed an array's dtype, shape and bytes to `digest` (hashlib reads the buffer: no copy of a 170 MB model).
+
+    `label` goes before the header (a weight's index, say), so that equal arrays in different places differ.
+    """
+    array = np.ascontiguousarray(array)
+    digest.update(f"{label}{array.dtype.str}:{array.shape};".encode())
+    digest.update(array)
+
+
 def array_sha256(array: np.ndarray) -> str:
-    """sha256 over an array's dtype, shape and bytes (hashlib reads the buffer: no copy of a 170 MB model)."""
-    digest = hashlib.sha256(f"{array.dtype.str}:{array.shape};".encode())
-    digest.update(np.ascontiguousarray(array))
+    """sha256 over an array's dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    hash_array(digest, array)
     return digest.hexdigest()
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from conversion.arrays import check_images, nhwc_to_nchw
+from conversion.arrays import check_images, hash_array, nhwc_to_nchw
 from conversion.errors import ExportError, InputError
 
 if TYPE_CHECKING:  # the module keeps its imports light: run_onnx serves consumers without TensorFlow
@@ -65,9 +65,7 @@ def weights_sha256(model: Any) -> str:
         arrays = [keras.ops.convert_to_numpy(v) for v in model.weights]
     digest = hashlib.sha256()
     for index, array in enumerate(arrays):
-        array = np.ascontiguousarray(array)
-        digest.update(f"{index}:{array.dtype.str}:{array.shape};".encode())
-        digest.update(array)  # its buffer, not a copy
+        hash_array(digest, array, label=f"{index}:")
     return digest.hexdigest()
 
 
