@@ -162,6 +162,49 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     gc.set_threshold(10_000, 10, 10)
 
 
+# Peak memory of a whole run, measured here (README, Quick start): the processes of a two-worker run together, and the
+# one process of `-n 0`. A worker the kernel kills for memory shows only as pytest-xdist's "node down".
+PEAK_GB_TWO_WORKERS = 15
+PEAK_GB_ONE_PROCESS = 9
+_MEMORY_WARNING = pytest.StashKey[str]()  # the header's warning, repeated in the summary
+
+
+def memory_line(available_gb: float | None, workers: int) -> str:
+    """The report header's line on memory: what a run needs, what is free, and the fix where it is too little."""
+    if workers > 1:  # measured with two; more workers need more
+        needed, need = PEAK_GB_TWO_WORKERS, f"with {workers} workers needs {'about' if workers == 2 else 'over'}"
+    else:
+        needed, need = PEAK_GB_ONE_PROCESS, "in one process needs about"
+    if available_gb is None:  # no /proc/meminfo (not Linux): nothing to compare
+        return f"memory: a run {need} {needed} GB"
+    line = f"memory: a run {need} {needed} GB, {available_gb:.1f} GB available"
+    if available_gb >= needed:
+        return line
+    if workers > 1:
+        return f"{line}; WARNING: too little, run `python3 -m pytest -n 0` ({PEAK_GB_ONE_PROCESS} GB) instead"
+    return f"{line}; WARNING: too little, a test may be killed for memory"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """The line on memory at the top of the report."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        available_gb: float | None = int(fields["MemAvailable"].split()[0]) / 1e6
+    except (OSError, KeyError, ValueError):
+        available_gb = None
+    workers = getattr(config.option, "numprocesses", 0) or 0  # pytest-xdist's -n, a number by now
+    line = memory_line(available_gb, workers if isinstance(workers, int) else 2)
+    config.stash[_MEMORY_WARNING] = line if "WARNING" in line else ""
+    return line
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """The memory warning again at the end, where a worker killed for memory shows as "node down"."""
+    if config.stash.get(_MEMORY_WARNING, ""):
+        terminalreporter.write_line(config.stash[_MEMORY_WARNING])
+
+
 # Set by .ci/run: there the peers must import, so a skip would hide a missing install step.
 REQUIRE_PEERS = os.environ.get("RESNET34_PARITY_REQUIRE_PEERS") == "1"
 

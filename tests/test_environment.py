@@ -1,5 +1,5 @@
 """Process-level guarantees: TensorFlow and triton in one process whatever the import order around ours, a CLI that
-answers --help without TensorFlow or torch, and backend-agnostic Keras code."""
+answers --help without TensorFlow or torch, backend-agnostic Keras code, and the memory a run needs."""
 
 from __future__ import annotations
 
@@ -201,3 +201,24 @@ def test_on_the_torch_backend_keras_clips_probabilities(processes):
         assert loss.case(torch.float64) == expected_case
         value = float(loss(torch.softmax(torch.from_numpy(logits), -1), torch.from_numpy(LABELS)))
         assert abs(value - keras_values[from_logits]) <= 1e-14 * abs(keras_values[from_logits])
+
+
+@pytest.mark.parametrize(
+    "available_gb, workers, expected",
+    [
+        (24.0, 2, "memory: a run with 2 workers needs about 15 GB, 24.0 GB available"),
+        (9.5, 0, "memory: a run in one process needs about 9 GB, 9.5 GB available"),
+        (12.0, 2, "12.0 GB available; WARNING: too little, run `python3 -m pytest -n 0` (9 GB) instead"),
+        (6.0, 0, "6.0 GB available; WARNING: too little, a test may be killed for memory"),
+        (40.0, 4, "memory: a run with 4 workers needs over 15 GB, 40.0 GB available"),
+        (None, 2, "memory: a run with 2 workers needs about 15 GB"),
+    ],
+)
+def test_the_report_header_says_what_memory_a_run_needs_and_warns_where_it_is_too_little(
+    available_gb: float | None, workers: int, expected: str
+):
+    from conftest import memory_line
+
+    line = memory_line(available_gb, workers)
+    assert line.endswith(expected), line
+    assert ("WARNING" in line) == (available_gb is not None and "WARNING" in expected)
