@@ -166,7 +166,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 # one process of `-n 0`. A worker the kernel kills for memory shows only as pytest-xdist's "node down".
 PEAK_GB_TWO_WORKERS = 15
 PEAK_GB_ONE_PROCESS = 9
-_MEMORY_WARNING = pytest.StashKey[str]()  # the header's warning, repeated in the summary
+_MEMORY_LINE = pytest.StashKey[str]()  # the header's line, repeated in the summary where it warns
 
 
 def memory_line(available_gb: float | None, workers: int) -> str:
@@ -195,14 +195,15 @@ def pytest_report_header(config: pytest.Config) -> str:
         available_gb = None
     workers = getattr(config.option, "numprocesses", 0) or 0  # pytest-xdist's -n, a number by now
     line = memory_line(available_gb, workers if isinstance(workers, int) else 2)
-    config.stash[_MEMORY_WARNING] = line if "WARNING" in line else ""
+    config.stash[_MEMORY_LINE] = line
     return line
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     """The memory warning again at the end, where a worker killed for memory shows as "node down"."""
-    if config.stash.get(_MEMORY_WARNING, ""):
-        terminalreporter.write_line(config.stash[_MEMORY_WARNING])
+    line = config.stash.get(_MEMORY_LINE, "")
+    if "WARNING" in line:
+        terminalreporter.write_line(line)
 
 
 # Set by .ci/run: there the peers must import, so a skip would hide a missing install step.
