@@ -173,16 +173,13 @@ def memory_line(available_gb: float | None, workers: int) -> str:
     """The report header's line on memory: what a run needs, what is free, and the fix where it is too little."""
     if workers > 1:  # measured with two; more workers need more
         needed, need = PEAK_GB_TWO_WORKERS, f"with {workers} workers needs {'about' if workers == 2 else 'over'}"
+        fix = f"run `python3 -m pytest -n 0` ({PEAK_GB_ONE_PROCESS} GB) instead"
     else:
-        needed, need = PEAK_GB_ONE_PROCESS, "in one process needs about"
+        needed, need, fix = PEAK_GB_ONE_PROCESS, "in one process needs about", "a test may be killed for memory"
     if available_gb is None:  # no /proc/meminfo (not Linux): nothing to compare
         return f"memory: a run {need} {needed} GB"
     line = f"memory: a run {need} {needed} GB, {available_gb:.1f} GB available"
-    if available_gb >= needed:
-        return line
-    if workers > 1:
-        return f"{line}; WARNING: too little, run `python3 -m pytest -n 0` ({PEAK_GB_ONE_PROCESS} GB) instead"
-    return f"{line}; WARNING: too little, a test may be killed for memory"
+    return line if available_gb >= needed else f"{line}; WARNING: too little, {fix}"
 
 
 def pytest_report_header(config: pytest.Config) -> str:
