@@ -10,24 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-
-def cpu_flags() -> dict[str, object]:
-    """lscpu's model name and the flags int8 and fp16 kernels care about."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError) as error:
-        return {"lscpu": f"unavailable ({error})"}
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    flags = fields.get("Flags", "").split()
-    wanted = [f for f in flags if f.startswith(("avx512", "avx_vnni", "amx")) or f in ("avx2", "fma", "f16c")]
-    return {"model": fields.get("Model name", "").strip(), "flags": sorted(wanted)}
+from benchmarks.common import write_json
+from benchmarks.environment import cpu_flags
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)
     print(json.dumps(result, indent=2))
     return 0
 

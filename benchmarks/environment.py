@@ -58,6 +58,18 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_flags() -> dict[str, object]:
+    """lscpu's model name and the flags the kernels pick their code by (AVX2, FMA, F16C, AVX-512, VNNI, AMX)."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        return {"lscpu": f"unavailable ({error})"}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    wanted = [f for f in flags if f.startswith(("avx512", "avx_vnni", "amx")) or f in ("avx2", "fma", "f16c")]
+    return {"model": fields.get("Model name", "").strip(), "flags": sorted(wanted)}
+
+
 def nvidia_smi() -> list[dict[str, str]]:
     """Name, driver and memory of each NVIDIA GPU (empty without nvidia-smi)."""
     fields = ("name", "driver_version", "memory.total")

@@ -127,3 +127,29 @@ def test_without_matplotlib_the_report_says_so_in_one_line_and_writes_the_rest(t
     err = capsys.readouterr().err.strip()
     assert err == "no throughput.png: matplotlib is not installed (python3 -m pip install matplotlib)"
     assert sorted(p.name for p in written) == ["results.csv", "results.json", "results.md"]
+
+
+def test_cli_startup_times_every_command_against_a_bare_interpreter_and_lists_its_imports(tmp_path, capsys):
+    # A smoke run (1 round of 1 call): the figures come from the full run in benchmarks/README.md.
+    from benchmarks import cli_startup
+
+    out = tmp_path / "cli_startup.json"
+    assert cli_startup.main(["--rounds", "1", "--per-round", "1", "--warmup", "0", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    timings, imports = results["timings"], results["imports"]
+    assert list(timings["median_ms"]) == list(cli_startup.COMMANDS) and timings["baseline"] == cli_startup.BASELINE
+    assert set(timings["ratios"]) == set(cli_startup.COMMANDS) - {cli_startup.BASELINE}
+    assert set(timings["calls"].values()) == {1} and all(ms > 0 for ms in timings["median_ms"].values())
+    # Our commands import more than a bare interpreter, and none of them a framework.
+    assert all(found["modules"] > imports[cli_startup.BASELINE]["modules"] for found in list(imports.values())[:-1])
+    assert all(found["frameworks"] == [] for found in imports.values())
+    assert "| `--help` |" in capsys.readouterr().out
+
+
+def test_cli_startup_stops_in_one_line_where_a_command_gives_the_wrong_exit_status(tmp_path, monkeypatch):
+    from benchmarks import cli_startup
+
+    monkeypatch.setattr(cli_startup, "COMMANDS", {"exits 3": (("-c", "raise SystemExit(3)"), 0)})
+    with pytest.raises(SystemExit, match=r"^-c raise SystemExit\(3\): exit status 3, expected 0$"):
+        cli_startup.main(["--rounds", "1", "--per-round", "1", "--warmup", "0", "--json", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
