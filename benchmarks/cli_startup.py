@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.common import REPO, interleave, write_json
+from benchmarks.common import REPO, interleave, round_ratio_text, write_json
 from benchmarks.environment import cpu_count, cpu_flags
 
 BASELINE = "python -c pass"
@@ -78,12 +78,7 @@ def _print(results: dict) -> None:
     print("|---|--:|--:|--:|--:|---|")
     for name, ms in timings["median_ms"].items():
         ratio = timings["ratios"].get(name)
-        text = (
-            "1 (baseline)"
-            if ratio is None
-            else f"{ratio['round_ratio_median']:.2f} ({ratio['round_ratio_range'][0]:.2f}-"
-            f"{ratio['round_ratio_range'][1]:.2f})"
-        )
+        text = "1 (baseline)" if ratio is None else round_ratio_text(ratio, 2)
         imported = results["imports"][name]
         frameworks = ", ".join(imported["frameworks"]) or "none"
         row = [f"`{name}`", f"{ms:.0f}", f"{timings['min_ms'][name]:.0f}", text, str(imported["modules"]), frameworks]

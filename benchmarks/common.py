@@ -194,6 +194,12 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
+def round_ratio_text(ratio: dict, digits: int) -> str:
+    """An ``interleave`` ratio's per-round median and range: "1.018 (1.000-1.029)"."""
+    low, high = ratio["round_ratio_range"]
+    return f"{ratio['round_ratio_median']:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
+
+
 def interleave(calls: dict[str, Callable[[], object]], rounds: int, per_round: int, warmup: int) -> dict:
     """Time each call ``per_round`` times per round, reversing the order every other round.
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import IMAGE_SIZE, NUM_CLASSES, REPO, interleave, timed, write_json
+from benchmarks.common import IMAGE_SIZE, NUM_CLASSES, REPO, interleave, round_ratio_text, timed, write_json
 from benchmarks.environment import cpu_count, cpu_model
 
 PEERS_ONNX = ("ours", "ours-nchw", "torchvision")  # the last is the baseline of the ratios
@@ -168,14 +168,8 @@ def _print(results: dict) -> None:
         print("|---|--:|--:|--:|--:|")
         for name, ms in r["median_ms"].items():
             ratio = r["ratios"].get(name)
-            text = (
-                "1 (baseline) | "
-                if ratio is None
-                else (
-                    f"{ratio['ratio_of_medians']:.3f} | {ratio['round_ratio_median']:.3f} "
-                    f"({ratio['round_ratio_range'][0]:.3f}-{ratio['round_ratio_range'][1]:.3f})"
-                )
-            )
+            of_medians = "1 (baseline)" if ratio is None else f"{ratio['ratio_of_medians']:.3f}"
+            text = f"{of_medians} | {'' if ratio is None else round_ratio_text(ratio, 3)}"
             print(f"| {name} | {ms:.2f} | {r['min_ms'][name]:.2f} | {text} |")
     print(f"\nload average (1/5/15 min): start {results['load_avg_start']}, end {results['load_avg_end']}")
 
