@@ -168,8 +168,9 @@ def _print(results: dict) -> None:
         print("|---|--:|--:|--:|--:|")
         for name, ms in r["median_ms"].items():
             ratio = r["ratios"].get(name)
-            of_medians = "1 (baseline)" if ratio is None else f"{ratio['ratio_of_medians']:.3f}"
-            text = f"{of_medians} | {'' if ratio is None else round_ratio_text(ratio, 3)}"
+            text = "1 (baseline) | "
+            if ratio is not None:
+                text = f"{ratio['ratio_of_medians']:.3f} | {round_ratio_text(ratio, 3)}"
             print(f"| {name} | {ms:.2f} | {r['min_ms'][name]:.2f} | {text} |")
     print(f"\nload average (1/5/15 min): start {results['load_avg_start']}, end {results['load_avg_end']}")
 
